@@ -1,0 +1,30 @@
+# The two commands: `make book` builds the executed book, `make test` runs every test.
+# Each creates .venv on first use and re-installs when the pins change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: book test lab clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[book,test]"
+	touch $@
+
+## book: build the executed HTML book into _build/html (warnings are errors)
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
+
+## test: run the test suite, which also executes every chapter in a fresh kernel
+test: $(STAMP)
+	$(PY) -m pytest
+
+## lab: open the chapters as notebooks in JupyterLab (through jupytext)
+lab: $(STAMP)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[lab]"
+	$(VENV)/bin/jupyter lab book/
+
+clean:
+	rm -rf _build .pytest_cache
