@@ -338,8 +338,10 @@ def test_bad_cost_raises(function, cost, match):
         (np.where(np.eye(3, 4) > 0, np.nan, 0.0), r"log_prior contains NaN"),
         (np.where(np.eye(3, 4) > 0, np.inf, 0.0), r"log_prior contains \+inf"),
         (np.where(np.arange(3)[:, None] == 2, -np.inf, COST), r"-inf for every key in row \[2\]"),
+        (np.ones((3, 4), dtype=bool), r"log_prior is boolean; convert a mask with otattn.priors.mask_log_prior"),
+        (np.zeros((3, 4), dtype=complex), r"log_prior must hold real numbers, got dtype complex128"),
     ],
-    ids=["more-keys", "enlarging-broadcast", "nan", "+inf", "empty-row"],
+    ids=["more-keys", "enlarging-broadcast", "nan", "+inf", "empty-row", "bool", "complex"],
 )
 def test_bad_log_prior_raises(function, log_prior, match):
     with pytest.raises(ValueError, match=match):
@@ -349,7 +351,7 @@ def test_bad_log_prior_raises(function, log_prior, match):
 def test_bad_plan_raises():
     with pytest.raises(ValueError, match=r"plan of shape \(3, 5\) does not match cost of shape \(3, "):
         one_sided_objective(np.zeros((3, 5)), COST)
-    for bad in (np.array([0.5, -0.1, 0.6]), np.array([0.5, np.nan, 0.5])):
+    for bad in (np.array([0.5, -0.1, 0.6]), np.array([0.5, np.nan, 0.5]), np.array([0.5, np.inf, 0.5])):
         with pytest.raises(ValueError, match=r"plan must be non-negative"):
             entropy(bad)
         with pytest.raises(ValueError, match=r"plan must be non-negative"):
@@ -365,3 +367,37 @@ def test_results_are_float64_for_any_real_input_dtype(dtype):
     assert one_sided_objective(plan.astype(np.float32), cost, eps=0.5).dtype == np.float64
     np.testing.assert_array_equal(plan, one_sided_plan(reference, eps=0.5))
     np.testing.assert_array_equal(value, one_sided_value(reference, eps=0.5))
+
+
+def test_eps_may_be_a_zero_dimensional_array():
+    np.testing.assert_array_equal(one_sided_plan(COST, eps=np.array(0.5)), one_sided_plan(COST, eps=0.5))
+
+
+@pytest.mark.parametrize(
+    "cost, eps, expected",
+    [
+        # -cost / eps overflows float64 although cost and eps are finite.
+        (np.array([[1e300, 2e300]]), 1e-10, [[1.0, 0.0]]),
+        (np.array([[-1e300, 1.0]]), 1e-10, [[1.0, 0.0]]),
+        (np.array([[1.0, -1e300, -1e300]]), 1e-10, [[0.0, 0.5, 0.5]]),
+    ],
+)
+def test_extreme_finite_costs_give_the_argmin_not_nan(cost, eps, expected):
+    with np.errstate(all="raise"):  # no overflow or invalid operation on the way
+        plan = one_sided_plan(cost, eps=eps)
+        value = one_sided_value(cost, eps=eps)
+    np.testing.assert_array_equal(plan, expected)
+    # The soft minimum of a row whose gaps all overflow is its smallest cost (ties add eps log 2,
+    # which is below the spacing of float64 numbers near 1e300).
+    np.testing.assert_array_equal(value, cost.min(axis=-1))
+
+
+def test_the_smallest_cost_of_a_masked_key_does_not_shift_the_logits():
+    # The masked key holds the row minimum; the shift must use the allowed keys only.
+    cost = np.array([[-1e300, 0.0, 1.0]])
+    log_prior = np.array([[-np.inf, 0.0, 0.0]])
+    expected = one_sided_plan(cost[:, 1:], eps=0.5)
+    np.testing.assert_allclose(one_sided_plan(cost, eps=0.5, log_prior=log_prior)[:, 1:], expected, rtol=0, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(
+        one_sided_value(cost, eps=0.5, log_prior=log_prior), one_sided_value(cost[:, 1:], eps=0.5), rtol=0, atol=OBJECTIVE_ATOL
+    )

@@ -1,0 +1,150 @@
+r"""Sink metrics in NumPy (float64): how much attention goes to the first token.
+
+Defined in the book, :ref:`sec-sink-metrics`.  For a head :math:`h` with plan
+:math:`P^{(h)}` (rows = queries, columns = keys, key 0 = the first token), the *first-token
+mass* of the head is the mean of :math:`P^{(h)}_{i0}` over the **informative** queries:
+those that can see the first token *and* at least one other key.  Two kinds of query are
+left out, because their first-token weight says nothing about the head:
+
+- a query that cannot see key 0 (a sliding window, a padding query, a query placed before
+  the first key) has :math:`P_{i0} = 0` whatever the head does;
+- a query whose only visible key is key 0 -- under a causal mask, the first query, which
+  sees only itself -- has :math:`P_{i0} = 1` whatever the head does.
+
+Counting them would bias the mean towards 0 or 1 by about :math:`1/L`.  The layer metric
+averages the heads; the sink fraction counts the heads whose mass exceeds a threshold
+:math:`\epsilon` (:cite:`gu2024sink` use a metric of this form, counting every query
+from the first token on).
+
+References: :cite:`xiao2023streaming`, :cite:`gu2024sink`.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["first_token_mass", "first_token_mass_per_head", "informative_queries", "sink_head_fraction"]
+
+
+def _as_plan(plan) -> np.ndarray:
+    """Return ``plan`` as float64 of shape (..., H, L, S), checked to be non-negative rows."""
+    plan = np.asarray(plan)
+    if plan.dtype == bool or not (np.issubdtype(plan.dtype, np.floating) or np.issubdtype(plan.dtype, np.integer)):
+        raise ValueError(f"plan must hold real numbers, got dtype {plan.dtype}")
+    if plan.ndim < 3:
+        raise ValueError(f"plan must have shape (..., H, L, S) with a head axis, got {plan.shape}")
+    plan = plan.astype(np.float64, copy=False)
+    if not np.isfinite(plan).all() or (plan < 0).any():
+        raise ValueError("plan must be finite and non-negative")
+    return plan
+
+
+def informative_queries(allowed, L: int, S: int) -> np.ndarray:
+    r"""Queries whose first-token weight is informative: they see key 0 and another key.
+
+    Parameters
+    ----------
+    allowed : array_like of bool, broadcastable to (..., L, S), or None
+        ``True`` where a query may attend to a key (the support of the prior, e.g.
+        ``np.isfinite(log_prior)``).  ``None`` means every query sees every key.
+    L, S : int
+        Number of queries and keys.
+
+    Returns
+    -------
+    informative : ndarray of bool, shape (..., L) (``(L,)`` for ``allowed=None``)
+        ``allowed[..., i, 0] and allowed[..., i, 1:].any()``.
+    """
+    if allowed is None:
+        return np.full(L, S > 1)
+    allowed = np.asarray(allowed)
+    if allowed.dtype != bool:
+        raise ValueError(f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}")
+    if allowed.ndim < 2 or allowed.shape[-2:] not in ((L, S), (1, S), (L, 1), (1, 1)):
+        raise ValueError(f"allowed of shape {allowed.shape} does not broadcast to (..., {L}, {S})")
+    allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (L, S))
+    return allowed[..., 0] & allowed[..., 1:].any(axis=-1)
+
+
+def first_token_mass_per_head(plan, *, allowed=None) -> np.ndarray:
+    r"""Mean attention on the first token per head, :math:`\alpha_h = \operatorname{mean}_{b,\, i \in I} P^{(b,h)}_{i0}`.
+
+    Equation :eq:`eq-first-token-mass` of the book.  The mean runs over every leading
+    (batch) axis and over the informative queries :math:`I` (:func:`informative_queries`).
+
+    Parameters
+    ----------
+    plan : array_like, shape (..., H, L, S)
+        Attention weights (e.g. :func:`otattn.attention.attention_plan`); key 0 is the
+        first token.  Every axis before ``H`` is a batch axis.
+    allowed : array_like of bool, broadcastable to (..., H, L, S), optional
+        Where the queries may attend; ``None``: everywhere.
+
+    Returns
+    -------
+    alpha : ndarray of float64, shape (H,)
+
+    Raises
+    ------
+    ValueError
+        If ``plan`` has no head axis or negative entries, ``allowed`` is not boolean or
+        does not broadcast, or no query is informative.
+    """
+    plan = _as_plan(plan)
+    L, S = plan.shape[-2:]
+    informative = informative_queries(allowed, L, S)
+    try:
+        weights = np.broadcast_to(informative, plan.shape[:-1]).astype(np.float64)
+    except ValueError:
+        raise ValueError(f"allowed does not broadcast to the plan {plan.shape}") from None
+    axes = tuple(a for a in range(plan.ndim - 1) if a != plan.ndim - 3)  # all but the head axis
+    count = weights.sum(axis=axes)                                        # (H,)
+    if (count == 0).any():
+        raise ValueError("no informative query: every query sees either no first token or nothing else")
+    total = np.einsum("...hi,...hi->...h", weights, plan[..., 0])         # (..., H)
+    return total.reshape(-1, total.shape[-1]).sum(axis=0) / count
+
+
+def first_token_mass(plan, *, allowed=None) -> float:
+    r"""First-token attention mass of a layer: :math:`\bar\alpha = \frac1H \sum_h \alpha_h`.
+
+    The mean over heads of :func:`first_token_mass_per_head`, equation
+    :eq:`eq-first-token-mass`.  It lies in :math:`[0, 1]`: 1 for a head that puts all its
+    weight on the first token, :math:`\operatorname{mean}_i 1/n_i` for a head that spreads it
+    evenly over the :math:`n_i` keys each query sees.
+
+    Parameters
+    ----------
+    plan : array_like, shape (..., H, L, S)
+    allowed : array_like of bool, broadcastable to (..., H, L, S), optional
+
+    Returns
+    -------
+    mass : float
+    """
+    return float(first_token_mass_per_head(plan, allowed=allowed).mean())
+
+
+def sink_head_fraction(plan, *, threshold: float, allowed=None) -> float:
+    r"""Fraction of sink heads: :math:`\frac1H \#\{h : \alpha_h > \epsilon\}`.
+
+    Equation :eq:`eq-sink-fraction` of the book, with :math:`\alpha_h` from
+    :func:`first_token_mass_per_head`.
+
+    Parameters
+    ----------
+    plan : array_like, shape (..., H, L, S)
+    threshold : float
+        The threshold :math:`\epsilon`, strictly between 0 and 1.
+    allowed : array_like of bool, broadcastable to (..., H, L, S), optional
+
+    Returns
+    -------
+    fraction : float
+        In :math:`[0, 1]`, a multiple of :math:`1/H`.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be a real number strictly between 0 and 1, got {threshold!r}")
+    return float(np.mean(first_token_mass_per_head(plan, allowed=allowed) > threshold))
