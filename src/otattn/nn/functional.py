@@ -1,0 +1,243 @@
+r"""GOAT attention through PyTorch's fused ``scaled_dot_product_attention`` (SDPA).
+
+The prior rides in :math:`C = 2R + 1` channels taken from the head (book,
+:ref:`sec-goat-fused`, :eq:`eq-fused`): with head size :math:`D = d_c + C`,
+
+.. math::
+
+    q' = [q_c/\sqrt{d_c},\ q^{\mathrm{lane}}], \quad k' = [k_c,\ k^{\mathrm{lane}}], \quad
+    \langle q'_i, k'_j\rangle = s_{ij} + K_{ij},
+
+and SDPA is called with ``scale=1.0`` on 4-D ``(B, H, L, D)`` inputs whose values have the
+same head size ``D``.  So the fused (flash) kernel runs and no ``L x S`` tensor is built.
+
+Which SDPA path each case takes (measured with torch 2.13 on CPU under
+``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``, which raises on any fallback; see
+``tests/nn/test_functional.py``):
+
+- non-causal, any L and S: no mask; fused.
+- causal, ``L == S``: ``is_causal=True``; fused.
+- causal, ``L == 1`` (one-token decoding): the query is the last position and sees every
+  key, so no mask at all; fused.
+- causal, ``1 < L < S`` (a block of queries after a KV cache): SDPA's ``is_causal`` aligns
+  the diagonal top-left, which is wrong here, so we pass an explicit boolean ``(L, S)``
+  mask (the only path that builds an ``L x S`` tensor, of booleans).  On CPU the flash
+  kernel accepts a boolean mask that does not require grad and stays fused; on CUDA the
+  flash backend takes no mask and SDPA picks the memory-efficient kernel.
+- key mask ``(B, S)``: not an SDPA mask at all.  A mask is a prior with zero mass on the
+  masked keys (:eq:`eq-mask-prior`), and a key-only one (:eq:`eq-key-prior`): it is added
+  to the key's sink lane, whose query partner is the constant 1, so every case above
+  keeps its path.  Rows left with no visible key return zero (:eq:`eq-empty-row`).
+
+Causal alignment: query ``i`` of ``L`` is key ``S - L + i`` (the queries are the last L
+keys, as the default positions of :func:`otattn.priors.position_lag`).  Positions enter
+only the prior; causality is by index.
+
+Dropout is not offered: ``dropout_p > 0`` sends SDPA to its math path.
+
+References: :cite:`litman2026priors`, :cite:`dao2023flashattention2`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from otattn.nn.priors import Lanes
+
+__all__ = ["fused_query_key", "goat_attention", "lane_attention", "prior_attention"]
+
+# Log-prior given to a masked key in its sink lane.  It must make exp(logit) vanish next to
+# the row's largest logit: float32 underflows below e**-104 and float64 below e**-745, and
+# |content score + prior| stays far below 1e4 for any sane model.  It must also stay finite
+# (an -inf lane would give 0 * inf = NaN in the backward pass) and fit float16 (max 65504).
+_MASKED_LOG_PRIOR = -1.0e4
+
+
+def _check_4d(x: Tensor, name: str, axes: str) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 4-D tensor {axes}, got {shape}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+
+
+def fused_query_key(q: Tensor, k: Tensor, lanes: Lanes) -> Lanes:
+    r"""Queries and keys for a kernel of scale 1: :math:`q' = [q_c/\sqrt{d_c}, q^{\mathrm{lane}}]`, :math:`k' = [k_c, k^{\mathrm{lane}}]`.
+
+    :eq:`eq-fused`.  Torch twin of :func:`otattn.spectral.fused_query_key`, which slices
+    the content from a full head: ``fused_query_key(q[..., :d_c], k[..., :d_c], lanes)``
+    here equals ``fused_query_key(q, k, lanes)`` there.  The lanes are cast to the dtype
+    of ``q`` only here (bfloat16 models get bfloat16 lanes: SDPA needs one dtype).
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, H, L, d_c)
+        Content queries.
+    k : Tensor, shape (B, G, S, d_c)
+        Content keys; G divides H (grouped-query attention when G < H).
+    lanes : Lanes
+        ``query`` (H, L, C) and ``key`` (G or 1, S, C), e.g. from
+        :meth:`otattn.nn.priors.GoatPrior.lanes`.
+
+    Returns
+    -------
+    Lanes
+        ``query`` (B, H, L, d_c + C) and ``key`` (B, G, S, d_c + C) in the dtype of ``q``.
+    """
+    _check_4d(q, "q", "(B, H, L, d_c)")
+    _check_4d(k, "k", "(B, G, S, d_c)")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    (B, H, L, d_c), (Bk, G, S, d_k) = q.shape, k.shape
+    if Bk != B or d_k != d_c or H % G:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B and d_c, and G must divide H")
+    C = lanes.query.shape[-1]
+    if lanes.query.shape != (H, L, C) or lanes.key.ndim != 3 or lanes.key.shape[0] not in (1, G) or lanes.key.shape[1:] != (S, C):
+        raise ValueError(
+            f"lanes of shapes {tuple(lanes.query.shape)} and {tuple(lanes.key.shape)} do not fit "
+            f"q {tuple(q.shape)} and k {tuple(k.shape)}: expected ({H}, {L}, C) and ({G} or 1, {S}, C)"
+        )
+    q_lane = lanes.query.to(q.dtype).expand(B, H, L, C)
+    k_lane = lanes.key.to(k.dtype).expand(B, G, S, C)
+    return Lanes(query=torch.cat([q / math.sqrt(d_c), q_lane], dim=-1), key=torch.cat([k, k_lane], dim=-1))
+
+
+def lane_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, key_mask: Tensor | None = None) -> Tensor:
+    r"""SDPA of scale 1 on fused queries and keys: :math:`o_i = \sum_j \operatorname{softmax}_j(\langle q'_i, k'_j\rangle) v_j`.
+
+    The kernel call of :func:`goat_attention`, for callers that hold fused keys already
+    (a KV cache).  The last channel of ``q`` must be the constant 1 of the sink lane, as
+    :func:`fused_query_key` builds it: ``key_mask`` is added to the last channel of ``k``.
+    See the module docstring for the SDPA path of each case.
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, H, L, D)
+    k, v : Tensor, shape (B, G, S, D)
+        Same dtype and head size as ``q`` (otherwise SDPA would leave the fused kernel).
+    is_causal : bool, default False
+        Query i sees keys ``j <= S - L + i``; needs ``L <= S``.
+    key_mask : Tensor of bool, shape (B, S), optional
+        ``True`` where the key may be attended (as :func:`otattn.priors.mask_log_prior`).
+
+    Returns
+    -------
+    out : Tensor, shape (B, H, L, D)
+        Zero in rows that see no key.
+    """
+    _check_4d(q, "q", "(B, H, L, D)")
+    _check_4d(k, "k", "(B, G, S, D)")
+    _check_4d(v, "v", "(B, G, S, D)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share B and the head size D "
+            "(a different value size would leave the fused kernel), and k, v their shape"
+        )
+    (B, H, L, _), (_, G, S, _) = q.shape, k.shape
+    if H % G:
+        raise ValueError(f"{H} query heads cannot share {G} key/value heads")
+    if key_mask is not None:
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, S):
+            got = (key_mask.dtype, tuple(key_mask.shape)) if isinstance(key_mask, Tensor) else type(key_mask).__name__
+            raise ValueError(f"key_mask must be a boolean tensor of shape (B, S) = ({B}, {S}), got {got}")
+        floor = torch.where(key_mask, 0.0, _MASKED_LOG_PRIOR).to(k.dtype)[:, None, :, None]  # (B, 1, S, 1)
+        k = torch.cat([k[..., :-1], k[..., -1:] + floor], dim=-1)
+    attn_mask, causal_flag = None, False
+    if is_causal:
+        if L > S:
+            raise ValueError(f"causal attention needs L <= S (the queries are the last L keys), got L={L}, S={S}")
+        if L == S:
+            causal_flag = True
+        elif L > 1:  # the slow path: an explicit (L, S) boolean mask, diagonal at S - L
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=causal_flag, scale=1.0, enable_gqa=G != H
+    )
+    if key_mask is not None:
+        # Row i sees keys up to last[i]; it is empty if the first allowed key lies beyond.
+        last = torch.arange(S - L, S, device=q.device) if is_causal else torch.full((L,), S - 1, device=q.device)
+        first = torch.where(key_mask.any(-1), key_mask.to(torch.int8).argmax(-1), S)  # (B,)
+        seen = (first[:, None] <= last[None, :]).to(out.dtype)  # (B, L)
+        out = out * seen[:, None, :, None]
+    return out
+
+
+def goat_attention(
+    q: Tensor, k: Tensor, v: Tensor, lanes: Lanes, *, is_causal: bool = False, key_mask: Tensor | None = None
+) -> Tensor:
+    r"""GOAT attention :math:`o_i = \sum_j \operatorname{softmax}_j(s_{ij} + K_{ij})\, v_j`, fused.
+
+    :math:`s_{ij} = \langle q_{c,i}, k_{c,j}\rangle/\sqrt{d_c}` and :math:`K` the log-prior
+    of the lanes (:eq:`eq-goat-prior`, :eq:`eq-fused`).  Equals
+    :func:`prior_attention` ``(q, k, v, log_prior=log_prior_from_lanes(lanes) + mask)``
+    and its NumPy twin :func:`otattn.attention.prior_attention`, without building the
+    ``(L, S)`` log-prior.
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, H, L, d_c)
+        Content queries.
+    k : Tensor, shape (B, G, S, d_c)
+        Content keys, G dividing H.
+    v : Tensor, shape (B, G, S, D)
+        Values, with ``D = d_c + C`` so that the kernel sees one head size.
+    lanes : Lanes
+        ``query`` (H, L, C), ``key`` (G or 1, S, C).
+    is_causal : bool, default False
+        Queries are the last L keys: query i sees keys ``j <= S - L + i``.
+    key_mask : Tensor of bool, shape (B, S), optional
+        ``True`` where the key may be attended.
+
+    Returns
+    -------
+    out : Tensor, shape (B, H, L, D)
+    """
+    _check_4d(v, "v", "(B, G, S, D)")
+    C = lanes.query.shape[-1]
+    if v.shape[-1] != q.shape[-1] + C:
+        raise ValueError(
+            f"the value head size must be d_c + C = {q.shape[-1]} + {C} = {q.shape[-1] + C} so that SDPA stays fused, "
+            f"got {v.shape[-1]}"
+        )
+    fused = fused_query_key(q, k, lanes)
+    return lane_attention(fused.query, fused.key, v, is_causal=is_causal, key_mask=key_mask)
+
+
+def prior_attention(q: Tensor, k: Tensor, v: Tensor, *, log_prior: Tensor | None = None, scale: float | None = None) -> Tensor:
+    r"""Explicit attention with a prior: :math:`o_i = \sum_j \operatorname{softmax}(s_i + \log\pi_i)_j\, v_j`.
+
+    Torch twin of :func:`otattn.attention.prior_attention` (with ``eps = 1``), the math
+    path that materialises the ``(..., L, S)`` scores on purpose: the reference the fused
+    path is tested against.  A row whose log-prior is ``-inf`` everywhere returns zero
+    (:eq:`eq-empty-row`).
+
+    Parameters
+    ----------
+    q : Tensor, shape (..., L, D)
+    k : Tensor, shape (..., S, D)
+    v : Tensor, shape (..., S, Dv)
+    log_prior : Tensor, broadcastable to (..., L, S), optional
+        ``-inf`` masks a key.
+    scale : float, optional
+        Defaults to ``1/sqrt(D)``; the log-prior is not scaled.
+
+    Returns
+    -------
+    out : Tensor, shape (..., L, Dv)
+    """
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit (..., L, D), (..., S, D), (..., S, Dv)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = scale * torch.einsum("...id,...jd->...ij", q, k)
+    if log_prior is None:
+        return torch.softmax(logits, dim=-1) @ v
+    log_prior = torch.broadcast_to(log_prior, logits.shape)
+    empty = torch.all(log_prior == -math.inf, dim=-1, keepdim=True)
+    plan = torch.softmax(logits + log_prior.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return plan @ v

@@ -1,0 +1,330 @@
+r"""The GOAT prior in PyTorch: query and key lanes from integer positions.
+
+Torch twin of :mod:`otattn.spectral` for sequences (book, :ref:`ch-goat`).  The log-prior
+
+.. math::
+
+    K^h_{ij} = \kappa_h(p_i - p_j) + u_{g(h)}(p_j), \qquad
+    \kappa_h(d) = \sum_r \alpha_{hr} \cos(\omega_r d) + \beta_{hr} \sin(\omega_r d),
+
+(:eq:`eq-goat-prior`, one set of weights per head :math:`h`, the sink term per key/value
+head :math:`g(h)`) is never built as a matrix by the attention: it is the dot product of
+:math:`C = 2R + 1` query and key channels (*lanes*, :eq:`eq-lanes`),
+
+.. math::
+
+    q^{\mathrm{lane}}_h(i) = [\alpha_h c_i + \beta_h s_i,\ \alpha_h s_i - \beta_h c_i,\ 1],
+    \qquad k^{\mathrm{lane}}_g(j) = [c_j,\ s_j,\ u_g(j)],
+
+with :math:`c = \cos\omega p`, :math:`s = \sin\omega p`.  :func:`log_prior_from_lanes`
+materialises the ``(H, L, S)`` log-prior for plots and tests as the einsum of these same
+lanes; there is no second copy of the formula.
+
+Precision.  Phases :math:`\omega p` are formed from the integer positions in float64 as an
+exact sum of two floats (Dekker's product, as :func:`otattn.spectral.phase_lanes`), so
+the lanes are accurate at any position below :math:`2^{53}` (book,
+:ref:`sec-goat-phases`); everything after the phases is computed in the parameters'
+dtype promoted to at least float32, so a prior whose parameters are bfloat16 still
+forms its lanes in float32.  The lanes are cast to the model dtype only when they are
+joined to the queries and keys (:func:`otattn.nn.functional.fused_query_key`).
+
+References: :cite:`litman2026priors`, :cite:`press2022alibi`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from otattn import spectral
+
+__all__ = [
+    "GoatPrior",
+    "Lanes",
+    "alibi_slopes",
+    "goat_lanes",
+    "log_prior_from_lanes",
+    "phase_lanes",
+    "relative_lanes",
+    "sink_features",
+    "sink_term",
+]
+
+# Integer positions up to 2**53 convert to float64 exactly.
+_MAX_POSITION = spectral._MAX_POSITION
+
+
+@dataclass(frozen=True)
+class Lanes:
+    r"""Query and key channels whose dot products are the log-prior, :eq:`eq-lanes`.
+
+    ``query`` (H, L, C) and ``key`` (G, S, C) with G the number of key/value heads (or 1):
+    :math:`K^h_{ij} = \langle \text{query}_{h i}, \text{key}_{g(h) j} \rangle`.
+    """
+
+    query: Tensor
+    key: Tensor
+
+
+def _check_positions(pos: Tensor, name: str) -> Tensor:
+    """Return integer positions of shape (N,) as int64, or raise."""
+    if not isinstance(pos, Tensor) or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+        dtype = pos.dtype if isinstance(pos, Tensor) else type(pos).__name__
+        raise ValueError(f"{name} must be an integer tensor of positions, got {dtype}")
+    if pos.ndim != 1 or pos.numel() == 0:
+        raise ValueError(f"{name} must have shape (N,) with N >= 1, got {tuple(pos.shape)}")
+    if pos.abs().max().item() > _MAX_POSITION:
+        raise ValueError(f"{name} must lie within +-2**53 so that float64 holds them exactly")
+    return pos.to(torch.int64)
+
+
+def _frequencies(R: int, base: float, device) -> Tensor:
+    """Frequencies of :func:`otattn.spectral.goat_frequencies` as a float64 tensor (R,)."""
+    return torch.as_tensor(spectral.goat_frequencies(R, base=base), dtype=torch.float64, device=device)
+
+
+def phase_lanes(pos: Tensor, omega: Tensor) -> Tensor:
+    r"""Key lanes of positions: :math:`[\cos \omega_r p,\ \sin \omega_r p]_r`, in float64.
+
+    Computed by :func:`otattn.spectral.phase_lanes` (the phase ``h + l`` formed exactly by
+    Dekker's product; book, :ref:`sec-goat-phases`) and returned as a tensor on the device
+    of ``pos``.
+
+    Parameters
+    ----------
+    pos : Tensor of int, shape (N,)
+    omega : Tensor, shape (R,)
+        Frequencies, converted to float64.
+
+    Returns
+    -------
+    lanes : Tensor of float64, shape (N, 2R)
+        Cosines in the first R columns, sines in the last R.
+    """
+    pos = _check_positions(pos, "pos")
+    # Positions are a short vector: the phases are formed on the host by the one exact
+    # implementation, otattn.spectral.phase_lanes, and moved to the positions' device.
+    lanes = spectral.phase_lanes(pos.cpu().numpy(), omega.detach().to(torch.float64).cpu().numpy())
+    return torch.from_numpy(lanes).to(pos.device)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The parameters' dtype promoted to at least float32: where lanes are computed."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def relative_lanes(alpha: Tensor, beta: Tensor, query_pos: Tensor, key_pos: Tensor, *, base: float = 10_000.0) -> Lanes:
+    r"""Lanes of the relative prior :math:`\kappa_h(p_i - p_j)`, one set of weights per head.
+
+    :math:`k^{\mathrm{rel}}(p) = [c, s]` and
+    :math:`q^{\mathrm{rel}}_h(p) = [\alpha_h c + \beta_h s,\ \alpha_h s - \beta_h c]`,
+    :eq:`eq-lanes`; torch twin of :func:`otattn.spectral.relative_lanes` for sequences,
+    with a leading head axis on the weights.
+
+    Parameters
+    ----------
+    alpha, beta : Tensor, shape (H, R)
+    query_pos : Tensor of int, shape (L,)
+    key_pos : Tensor of int, shape (S,)
+    base : float, default 10 000
+
+    Returns
+    -------
+    Lanes
+        ``query`` (H, L, 2R) and ``key`` (1, S, 2R), in the compute dtype (at least float32).
+    """
+    if alpha.ndim != 2 or alpha.shape != beta.shape or alpha.shape[1] == 0:
+        raise ValueError(f"alpha and beta must share a shape (H, R), got {tuple(alpha.shape)} and {tuple(beta.shape)}")
+    dtype = _compute_dtype(alpha)
+    omega = _frequencies(alpha.shape[1], base, alpha.device)
+    cq, sq = phase_lanes(query_pos, omega).to(dtype).chunk(2, dim=1)  # (L, R) each
+    a, b = alpha.to(dtype)[:, None, :], beta.to(dtype)[:, None, :]  # (H, 1, R)
+    query = torch.cat([a * cq + b * sq, a * sq - b * cq], dim=-1)
+    return Lanes(query=query, key=phase_lanes(key_pos, omega).to(dtype)[None])
+
+
+def sink_features(key_pos: Tensor, *, length: int, n_freq: int, base: float = 10_000.0) -> Tensor:
+    r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`, float64 (S, 2 n_freq + 1).
+
+    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`.
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive integer, got {length!r}")
+    nu = _frequencies(n_freq, base, key_pos.device)
+    pos = _check_positions(key_pos, "key_pos")
+    return torch.cat([phase_lanes(pos, nu), pos.to(torch.float64)[:, None] / float(length)], dim=1)
+
+
+def sink_term(
+    w_in: Tensor, b_in: Tensor, w_out: Tensor, slope: Tensor | None, key_pos: Tensor, *,
+    length: int, base: float = 10_000.0, key_origin: int | None = None,
+) -> Tensor:
+    r"""Key-only sink term per key/value head: :math:`u_g(p) = w_{\mathrm{out},g}^\top \tanh(W_{\mathrm{in},g}\phi(p) + b_{\mathrm{in},g}) + m_g (p - p_0)`.
+
+    Torch twin of :func:`otattn.spectral.sink_term` with a leading head axis,
+    :eq:`eq-sink-term`.  ``key_origin`` :math:`p_0` (default 0) shifts the recency term
+    by :math:`-m_g p_0`, the same constant for every query and key: a row constant, which
+    changes no attention weight (:eq:`eq-row-shift`) but keeps the lane small near
+    :math:`p_0` where low-precision kernels need it (DESIGN §2.5b).
+
+    Parameters
+    ----------
+    w_in : Tensor, shape (G, Hs, F)
+        Hidden-layer weights over the F = 2n + 1 features of :func:`sink_features`.
+    b_in, w_out : Tensor, shape (G, Hs)
+    slope : Tensor, shape (G,), or None
+        Recency slope :math:`m_g`; ``None`` for no recency term.
+    key_pos : Tensor of int, shape (S,)
+    length : int
+        Normalises the position feature; the training context length, fixed, so that
+        decoding and a full forward see the same features.
+    key_origin : int, optional
+
+    Returns
+    -------
+    u : Tensor, shape (G, S), in the compute dtype (at least float32)
+    """
+    if w_in.ndim != 3 or w_in.shape[2] % 2 != 1 or b_in.shape != w_in.shape[:2] or w_out.shape != w_in.shape[:2]:
+        raise ValueError(
+            f"sink weights must be w_in (G, Hs, 2n+1), b_in (G, Hs), w_out (G, Hs); got "
+            f"{tuple(w_in.shape)}, {tuple(b_in.shape)}, {tuple(w_out.shape)}"
+        )
+    dtype = _compute_dtype(w_in)
+    features = sink_features(key_pos, length=length, n_freq=(w_in.shape[2] - 1) // 2, base=base).to(dtype)
+    hidden = torch.tanh(torch.einsum("gkf,sf->gsk", w_in.to(dtype), features) + b_in.to(dtype)[:, None, :])
+    u = torch.einsum("gsk,gk->gs", hidden, w_out.to(dtype))
+    if slope is not None:
+        u = u + _recency(slope, key_pos, key_origin, dtype)
+    return u
+
+
+def _recency(slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torch.dtype) -> Tensor:
+    """``m_g (p_j - p_0)``, (G, S): the offset is an exact integer before it is scaled."""
+    if slope.ndim != 1:
+        raise ValueError(f"slope must have shape (G,), got {tuple(slope.shape)}")
+    offset = _check_positions(key_pos, "key_pos") - (0 if key_origin is None else int(key_origin))
+    return slope.to(dtype)[:, None] * offset.to(torch.float64).to(dtype)[None, :]
+
+
+def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
+    r"""All :math:`C = 2R + 1` lanes: query :math:`[q^{\mathrm{rel}}, 1]`, key :math:`[k^{\mathrm{rel}}, u]`, :eq:`eq-lanes`.
+
+    Parameters
+    ----------
+    rel : Lanes
+        From :func:`relative_lanes`: ``query`` (H, L, 2R), ``key`` (1, S, 2R).
+    u : Tensor, shape (G, S), optional
+        Sink term per key/value head (:func:`sink_term`); ``None`` means :math:`u = 0`.
+
+    Returns
+    -------
+    Lanes
+        ``query`` (H, L, C) and ``key`` (G, S, C), G = 1 when ``u`` is ``None``.
+    """
+    H, L, _ = rel.query.shape
+    S = rel.key.shape[1]
+    u = rel.key.new_zeros(1, S) if u is None else u.to(rel.key.dtype)
+    if u.ndim != 2 or u.shape[1] != S:
+        raise ValueError(f"u must have shape (G, S={S}), got {tuple(u.shape)}")
+    query = torch.cat([rel.query, rel.query.new_ones(H, L, 1)], dim=-1)
+    key = torch.cat([rel.key.expand(u.shape[0], S, -1), u[..., None]], dim=-1)
+    return Lanes(query=query, key=key)
+
+
+def log_prior_from_lanes(lanes: Lanes) -> Tensor:
+    r"""The materialised log-prior :math:`K^h_{ij} = \langle q^{\mathrm{lane}}_{hi}, k^{\mathrm{lane}}_{g(h)j}\rangle`, (H, L, S).
+
+    The einsum of the lanes the attention uses, nothing else (:eq:`eq-goat-prior`); key
+    head g serves the H/G query heads ``g*H/G, ..., (g+1)*H/G - 1``.  For plots and tests:
+    it builds an L x S tensor per head.  No causal mask is added.
+    """
+    H, G = lanes.query.shape[0], lanes.key.shape[0]
+    if H % G:
+        raise ValueError(f"{H} query heads cannot share {G} key/value heads")
+    key = lanes.key.repeat_interleave(H // G, dim=0)
+    return torch.einsum("hic,hjc->hij", lanes.query, key)
+
+
+def alibi_slopes(n_head: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    r"""ALiBi's slopes :math:`m_h = 2^{-8h/H}`, :math:`h = 1, \dots, H` :cite:`press2022alibi`, shape (H,)."""
+    return torch.tensor([2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)], dtype=dtype)
+
+
+class GoatPrior(nn.Module):
+    r"""Trainable GOAT prior of one attention layer: :math:`\alpha, \beta` per head, a sink per key/value head.
+
+    Parameters (all float32 at construction): ``alpha``, ``beta`` (H, R); with
+    ``sink_hidden > 0`` the sink MLP ``w_in`` (G, Hs, 2 sink_freq + 1), ``b_in``, ``w_out``
+    (G, Hs); with ``recency=True`` the slope ``slope`` (G,).  G = ``n_kv_head``: under
+    grouped-query attention a key/value head's sink lane serves its whole group.
+
+    ``init="uniform"``: :math:`\alpha = \beta = 0`, ``w_out = 0``, ``slope = 0``, so
+    :math:`K = 0` and the layer starts as standard attention.  ``init="alibi"`` (needs
+    ``recency=True``): the same with ``slope`` :math:`= 2^{-8g/G}`, which under the causal
+    mask is ALiBi (:eq:`eq-alibi-key-linear`).  ``w_in`` is drawn from
+    :math:`\mathcal N(0, 1/F)` so that the sink can learn once ``w_out`` moves.
+    """
+
+    def __init__(
+        self, n_head: int, rank: int, *, n_kv_head: int | None = None, base: float = 10_000.0,
+        sink_hidden: int = 0, sink_freq: int = 4, length: int = 1024, recency: bool = False,
+        init: str = "uniform",
+    ) -> None:
+        super().__init__()
+        G = n_head if n_kv_head is None else n_kv_head
+        for value, name in ((n_head, "n_head"), (rank, "rank"), (G, "n_kv_head"), (sink_freq, "sink_freq"), (length, "length")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if n_head % G:
+            raise ValueError(f"n_head={n_head} must be a multiple of n_kv_head={G}")
+        if init not in ("uniform", "alibi"):
+            raise ValueError(f"init must be 'uniform' or 'alibi', got {init!r}")
+        if init == "alibi" and not recency:
+            raise ValueError("init='alibi' seeds the recency slope: pass recency=True")
+        spectral.goat_frequencies(rank, base=base)  # validates base
+        self.n_head, self.n_kv_head, self.rank, self.base, self.length = n_head, G, rank, float(base), length
+        self.alpha = nn.Parameter(torch.zeros(n_head, rank))
+        self.beta = nn.Parameter(torch.zeros(n_head, rank))
+        self.w_in = self.b_in = self.w_out = self.slope = None
+        if sink_hidden > 0:
+            F = 2 * sink_freq + 1
+            self.w_in = nn.Parameter(torch.randn(G, sink_hidden, F) / math.sqrt(F))
+            self.b_in = nn.Parameter(torch.zeros(G, sink_hidden))
+            self.w_out = nn.Parameter(torch.zeros(G, sink_hidden))
+        if recency:
+            self.slope = nn.Parameter(alibi_slopes(G) if init == "alibi" else torch.zeros(G))
+
+    @property
+    def n_lanes(self) -> int:
+        """C = 2R + 1 channels taken from the head."""
+        return 2 * self.rank + 1
+
+    def lanes(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Lanes:
+        r"""Query lanes (H, L, C) and key lanes (G, S, C) at integer positions, :eq:`eq-lanes`.
+
+        ``key_origin`` shifts the recency term by a constant (see :func:`sink_term`).
+        """
+        rel = relative_lanes(self.alpha, self.beta, query_pos, key_pos, base=self.base)
+        if self.w_in is not None:
+            u = sink_term(self.w_in, self.b_in, self.w_out, self.slope, key_pos,
+                          length=self.length, base=self.base, key_origin=key_origin)
+        elif self.slope is not None:
+            u = _recency(self.slope, key_pos, key_origin, rel.key.dtype)
+        else:
+            u = rel.key.new_zeros(self.n_kv_head, rel.key.shape[1])
+        return goat_lanes(rel, u)
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Lanes:
+        """The lanes, :meth:`lanes`: calling the module gives what the attention consumes."""
+        return self.lanes(query_pos, key_pos, key_origin=key_origin)
+
+    def log_prior(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Tensor:
+        """The materialised log-prior (H, L, S) from :meth:`lanes`, for plots and tests."""
+        return log_prior_from_lanes(self.lanes(query_pos, key_pos, key_origin=key_origin))
+
+    def extra_repr(self) -> str:
+        sink = "none" if self.w_in is None else f"mlp({self.w_in.shape[1]})"
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, recency={self.slope is not None}"
