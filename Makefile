@@ -5,12 +5,16 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+GOAT_PEER := 0.1.1
 
 .PHONY: book test lab clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[book,test]"
+	# The authors' package, a peer our tests compare against (never imported by otattn);
+	# --no-deps so that its unpinned torch requirement cannot pull another torch build.
+	$(PY) -m pip install --quiet --no-deps goat-attention==$(GOAT_PEER)
 	touch $@
 
 ## book: build the executed HTML book into _build/html (warnings are errors)
