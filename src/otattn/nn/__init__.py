@@ -4,6 +4,8 @@
 - :mod:`otattn.nn.functional` -- GOAT attention through the fused
   ``scaled_dot_product_attention`` (the lane trick), and the explicit math path;
 - :mod:`otattn.nn.goat` -- the ``GoatAttention`` layer, its config and its KV cache;
+- :mod:`otattn.nn.convert` -- ``goat_to_otattn``, loading a layer of the authors'
+  package ``goat-attention`` into ours;
 - :mod:`otattn.nn.gated` -- gated attention and the learned sink logit;
 - :mod:`otattn.nn.baselines` -- positional-encoding baselines (NoPE, learned absolute,
   sinusoidal, RoPE, ALiBi).
@@ -18,6 +20,7 @@ from otattn.nn.baselines import (
     SinusoidalAbsolute,
     positional_attention,
 )
+from otattn.nn.convert import goat_to_otattn
 from otattn.nn.functional import fused_query_key, goat_attention, lane_attention, prior_attention
 from otattn.nn.gated import (
     GatedAttention,
@@ -64,6 +67,7 @@ __all__ = [
     "gate_values",
     "gated_attention",
     "goat_attention",
+    "goat_to_otattn",
     "goat_lanes",
     "lane_attention",
     "log_prior_from_lanes",

@@ -35,7 +35,12 @@ class GoatConfig:
     ``sink_hidden`` width of the sink MLP (0: none) over ``sink_freq`` frequencies and
     the position normalised by ``length`` (the training context length); ``recency`` adds
     the learned slope :math:`m\\,p_j`; ``init`` is ``"uniform"`` (standard attention at
-    start) or ``"alibi"``.
+    start) or ``"alibi"``.  ``sink_activation`` (``"tanh"`` or ``"silu"``),
+    ``sink_log_position`` (a feature :math:`\\log(1+p)/\\log(1+\\text{length})`),
+    ``sink_bump`` (a learned log-prior on the key at position 0) and ``sink_base`` (the
+    sink's frequency base, default ``base``) choose the variant of the sink term
+    (:func:`otattn.nn.priors.sink_term`); the defaults are ours, and
+    :func:`otattn.nn.convert.goat_to_otattn` sets them to the authors' package.
     """
 
     n_embd: int
@@ -51,6 +56,10 @@ class GoatConfig:
     base: float = 10_000.0
     init: str = "uniform"
     bias: bool = False
+    sink_activation: str = "tanh"
+    sink_log_position: bool = False
+    sink_bump: bool = False
+    sink_base: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_embd < 1 or self.n_head < 1 or self.rank < 1:
@@ -141,6 +150,8 @@ class GoatAttention(nn.Module):
         self.prior = GoatPrior(
             H, config.rank, n_kv_head=G, base=config.base, sink_hidden=config.sink_hidden,
             sink_freq=config.sink_freq, length=config.length, recency=config.recency, init=config.init,
+            sink_activation=config.sink_activation, sink_log_position=config.sink_log_position,
+            sink_bump=config.sink_bump, sink_base=config.sink_base,
         )
 
     def new_cache(self, batch: int) -> KVCache:

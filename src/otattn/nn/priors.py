@@ -146,34 +146,51 @@ def relative_lanes(alpha: Tensor, beta: Tensor, query_pos: Tensor, key_pos: Tens
     return Lanes(query=query, key=phase_lanes(key_pos, omega).to(dtype)[None])
 
 
-def sink_features(key_pos: Tensor, *, length: int, n_freq: int, base: float = 10_000.0) -> Tensor:
-    r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`, float64 (S, 2 n_freq + 1).
+def sink_features(
+    key_pos: Tensor, *, length: int, n_freq: int, base: float = 10_000.0, log_position: bool = False
+) -> Tensor:
+    r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`, float64 (S, F).
 
-    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`.
+    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`; F = 2 n_freq + 1.
+    With ``log_position=True`` a last feature :math:`\log(1 + p)/\log(1 + \text{length})`
+    follows (F = 2 n_freq + 2; the feature set of the authors' package, see
+    :func:`otattn.nn.convert.goat_to_otattn`); it needs positions :math:`p \ge 0`.
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive integer, got {length!r}")
     nu = _frequencies(n_freq, base, key_pos.device)
     pos = _check_positions(key_pos, "key_pos")
-    return torch.cat([phase_lanes(pos, nu), pos.to(torch.float64)[:, None] / float(length)], dim=1)
+    columns = [phase_lanes(pos, nu), pos.to(torch.float64)[:, None] / float(length)]
+    if log_position:
+        if pos.min().item() < 0:
+            raise ValueError("the log-position sink feature needs key positions >= 0")
+        columns.append(torch.log1p(pos.to(torch.float64))[:, None] / math.log1p(length))
+    return torch.cat(columns, dim=1)
+
+
+# The sink MLP's hidden nonlinearity: ours is tanh (bounded); the authors' package uses SiLU.
+_SINK_ACTIVATIONS = {"tanh": torch.tanh, "silu": torch.nn.functional.silu}
 
 
 def sink_term(
     w_in: Tensor, b_in: Tensor, w_out: Tensor, slope: Tensor | None, key_pos: Tensor, *,
     length: int, base: float = 10_000.0, key_origin: int | None = None,
+    activation: str = "tanh", log_position: bool = False, bump: Tensor | None = None,
 ) -> Tensor:
-    r"""Key-only sink term per key/value head: :math:`u_g(p) = w_{\mathrm{out},g}^\top \tanh(W_{\mathrm{in},g}\phi(p) + b_{\mathrm{in},g}) + m_g (p - p_0)`.
+    r"""Key-only sink term per key/value head: :math:`u_g(p) = w_{\mathrm{out},g}^\top \sigma(W_{\mathrm{in},g}\phi(p) + b_{\mathrm{in},g}) + b_g [p = 0] + m_g (p - p_0)`.
 
     Torch twin of :func:`otattn.spectral.sink_term` with a leading head axis,
-    :eq:`eq-sink-term`.  ``key_origin`` :math:`p_0` (default 0) shifts the recency term
-    by :math:`-m_g p_0`, the same constant for every query and key: a row constant, which
-    changes no attention weight (:eq:`eq-row-shift`) but keeps the lane small near
-    :math:`p_0` where low-precision kernels need it (DESIGN §2.5b).
+    :eq:`eq-sink-term`, where :math:`\sigma = \tanh` and there is no bump.  ``key_origin``
+    :math:`p_0` (default 0) shifts the recency term by :math:`-m_g p_0`, the same constant
+    for every query and key: a row constant, which changes no attention weight
+    (:eq:`eq-row-shift`) but keeps the lane small near :math:`p_0` where low-precision
+    kernels need it (DESIGN §2.5b).
 
     Parameters
     ----------
     w_in : Tensor, shape (G, Hs, F)
-        Hidden-layer weights over the F = 2n + 1 features of :func:`sink_features`.
+        Hidden-layer weights over the F features of :func:`sink_features`
+        (F = 2n + 1, or 2n + 2 with ``log_position``).
     b_in, w_out : Tensor, shape (G, Hs)
     slope : Tensor, shape (G,), or None
         Recency slope :math:`m_g`; ``None`` for no recency term.
@@ -182,23 +199,45 @@ def sink_term(
         Normalises the position feature; the training context length, fixed, so that
         decoding and a full forward see the same features.
     key_origin : int, optional
+    activation : {"tanh", "silu"}, default "tanh"
+        The hidden nonlinearity :math:`\sigma`.
+    log_position : bool, default False
+        Append the feature :math:`\log(1 + p)/\log(1 + \text{length})` (see :func:`sink_features`).
+    bump : Tensor, shape (G,), optional
+        Extra log-prior :math:`b_g` of the key at position 0 (an explicit first-token sink).
 
     Returns
     -------
     u : Tensor, shape (G, S), in the compute dtype (at least float32)
     """
-    if w_in.ndim != 3 or w_in.shape[2] % 2 != 1 or b_in.shape != w_in.shape[:2] or w_out.shape != w_in.shape[:2]:
+    extra = 2 if log_position else 1
+    if (w_in.ndim != 3 or (w_in.shape[2] - extra) % 2 or w_in.shape[2] < extra + 2
+            or b_in.shape != w_in.shape[:2] or w_out.shape != w_in.shape[:2]):
         raise ValueError(
-            f"sink weights must be w_in (G, Hs, 2n+1), b_in (G, Hs), w_out (G, Hs); got "
+            f"sink weights must be w_in (G, Hs, 2n+{extra}), b_in (G, Hs), w_out (G, Hs); got "
             f"{tuple(w_in.shape)}, {tuple(b_in.shape)}, {tuple(w_out.shape)}"
         )
+    if activation not in _SINK_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {activation!r}")
     dtype = _compute_dtype(w_in)
-    features = sink_features(key_pos, length=length, n_freq=(w_in.shape[2] - 1) // 2, base=base).to(dtype)
-    hidden = torch.tanh(torch.einsum("gkf,sf->gsk", w_in.to(dtype), features) + b_in.to(dtype)[:, None, :])
+    features = sink_features(
+        key_pos, length=length, n_freq=(w_in.shape[2] - extra) // 2, base=base, log_position=log_position
+    ).to(dtype)
+    hidden = _SINK_ACTIVATIONS[activation](torch.einsum("gkf,sf->gsk", w_in.to(dtype), features) + b_in.to(dtype)[:, None, :])
     u = torch.einsum("gsk,gk->gs", hidden, w_out.to(dtype))
+    if bump is not None:
+        u = u + _first_key_bump(bump, key_pos, dtype)
     if slope is not None:
         u = u + _recency(slope, key_pos, key_origin, dtype)
     return u
+
+
+def _first_key_bump(bump: Tensor, key_pos: Tensor, dtype: torch.dtype) -> Tensor:
+    """``b_g [p_j = 0]``, (G, S): extra log-prior on the key at position 0."""
+    if bump.ndim != 1:
+        raise ValueError(f"bump must have shape (G,), got {tuple(bump.shape)}")
+    first = (_check_positions(key_pos, "key_pos") == 0).to(dtype)
+    return bump.to(dtype)[:, None] * first[None, :]
 
 
 def _recency(slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torch.dtype) -> Tensor:
@@ -257,21 +296,26 @@ class GoatPrior(nn.Module):
     r"""Trainable GOAT prior of one attention layer: :math:`\alpha, \beta` per head, a sink per key/value head.
 
     Parameters (all float32 at construction): ``alpha``, ``beta`` (H, R); with
-    ``sink_hidden > 0`` the sink MLP ``w_in`` (G, Hs, 2 sink_freq + 1), ``b_in``, ``w_out``
-    (G, Hs); with ``recency=True`` the slope ``slope`` (G,).  G = ``n_kv_head``: under
-    grouped-query attention a key/value head's sink lane serves its whole group.
+    ``sink_hidden > 0`` the sink MLP ``w_in`` (G, Hs, F), ``b_in``, ``w_out`` (G, Hs), with
+    F = 2 sink_freq + 1 features (+1 with ``sink_log_position``); with ``sink_bump=True``
+    the first-key bump ``bump`` (G,); with ``recency=True`` the slope ``slope`` (G,).
+    G = ``n_kv_head``: under grouped-query attention a key/value head's sink lane serves
+    its whole group.  :func:`sink_term` gives the formula; ``sink_activation``,
+    ``sink_log_position`` and ``sink_bump`` select its variants (the authors' package uses
+    ``"silu"``, ``True``, ``True``), and ``sink_base`` (default ``base``) its frequencies.
 
-    ``init="uniform"``: :math:`\alpha = \beta = 0`, ``w_out = 0``, ``slope = 0``, so
-    :math:`K = 0` and the layer starts as standard attention.  ``init="alibi"`` (needs
-    ``recency=True``): the same with ``slope`` :math:`= 2^{-8g/G}`, which under the causal
-    mask is ALiBi (:eq:`eq-alibi-key-linear`).  ``w_in`` is drawn from
-    :math:`\mathcal N(0, 1/F)` so that the sink can learn once ``w_out`` moves.
+    ``init="uniform"``: :math:`\alpha = \beta = 0`, ``w_out = 0``, ``bump = 0``,
+    ``slope = 0``, so :math:`K = 0` and the layer starts as standard attention.
+    ``init="alibi"`` (needs ``recency=True``): the same with ``slope`` :math:`= 2^{-8g/G}`,
+    which under the causal mask is ALiBi (:eq:`eq-alibi-key-linear`).  ``w_in`` is drawn
+    from :math:`\mathcal N(0, 1/F)` so that the sink can learn once ``w_out`` moves.
     """
 
     def __init__(
         self, n_head: int, rank: int, *, n_kv_head: int | None = None, base: float = 10_000.0,
         sink_hidden: int = 0, sink_freq: int = 4, length: int = 1024, recency: bool = False,
-        init: str = "uniform",
+        init: str = "uniform", sink_activation: str = "tanh", sink_log_position: bool = False,
+        sink_bump: bool = False, sink_base: float | None = None,
     ) -> None:
         super().__init__()
         G = n_head if n_kv_head is None else n_kv_head
@@ -284,16 +328,23 @@ class GoatPrior(nn.Module):
             raise ValueError(f"init must be 'uniform' or 'alibi', got {init!r}")
         if init == "alibi" and not recency:
             raise ValueError("init='alibi' seeds the recency slope: pass recency=True")
+        if sink_activation not in _SINK_ACTIVATIONS:
+            raise ValueError(f"sink_activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {sink_activation!r}")
+        sink_base = base if sink_base is None else sink_base
         spectral.goat_frequencies(rank, base=base)  # validates base
+        spectral.goat_frequencies(sink_freq, base=sink_base)  # validates sink_base
         self.n_head, self.n_kv_head, self.rank, self.base, self.length = n_head, G, rank, float(base), length
+        self.sink_activation, self.sink_log_position, self.sink_base = sink_activation, bool(sink_log_position), float(sink_base)
         self.alpha = nn.Parameter(torch.zeros(n_head, rank))
         self.beta = nn.Parameter(torch.zeros(n_head, rank))
-        self.w_in = self.b_in = self.w_out = self.slope = None
+        self.w_in = self.b_in = self.w_out = self.bump = self.slope = None
         if sink_hidden > 0:
-            F = 2 * sink_freq + 1
+            F = 2 * sink_freq + (2 if sink_log_position else 1)
             self.w_in = nn.Parameter(torch.randn(G, sink_hidden, F) / math.sqrt(F))
             self.b_in = nn.Parameter(torch.zeros(G, sink_hidden))
             self.w_out = nn.Parameter(torch.zeros(G, sink_hidden))
+        if sink_bump:
+            self.bump = nn.Parameter(torch.zeros(G))
         if recency:
             self.slope = nn.Parameter(alibi_slopes(G) if init == "alibi" else torch.zeros(G))
 
@@ -308,13 +359,17 @@ class GoatPrior(nn.Module):
         ``key_origin`` shifts the recency term by a constant (see :func:`sink_term`).
         """
         rel = relative_lanes(self.alpha, self.beta, query_pos, key_pos, base=self.base)
+        dtype = rel.key.dtype
         if self.w_in is not None:
-            u = sink_term(self.w_in, self.b_in, self.w_out, self.slope, key_pos,
-                          length=self.length, base=self.base, key_origin=key_origin)
-        elif self.slope is not None:
-            u = _recency(self.slope, key_pos, key_origin, rel.key.dtype)
+            u = sink_term(self.w_in, self.b_in, self.w_out, self.slope, key_pos, length=self.length,
+                          base=self.sink_base, key_origin=key_origin, activation=self.sink_activation,
+                          log_position=self.sink_log_position, bump=self.bump)
         else:
             u = rel.key.new_zeros(self.n_kv_head, rel.key.shape[1])
+            if self.bump is not None:
+                u = u + _first_key_bump(self.bump, key_pos, dtype)
+            if self.slope is not None:
+                u = u + _recency(self.slope, key_pos, key_origin, dtype)
         return goat_lanes(rel, u)
 
     def forward(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Lanes:
@@ -326,5 +381,6 @@ class GoatPrior(nn.Module):
         return log_prior_from_lanes(self.lanes(query_pos, key_pos, key_origin=key_origin))
 
     def extra_repr(self) -> str:
-        sink = "none" if self.w_in is None else f"mlp({self.w_in.shape[1]})"
-        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, recency={self.slope is not None}"
+        sink = "none" if self.w_in is None else f"mlp({self.w_in.shape[1]}, {self.sink_activation})"
+        return (f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, "
+                f"bump={self.bump is not None}, recency={self.slope is not None}")
