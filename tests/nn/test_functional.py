@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from otattn import attention, priors, spectral  # noqa: E402
-from otattn.nn.functional import fused_query_key, goat_attention, prior_attention  # noqa: E402
+from otattn.nn.functional import fused_query_key, goat_attention, prior_attention, sink_channels, split_lane  # noqa: E402
 from otattn.nn.priors import GoatPrior, Lanes, log_prior_from_lanes  # noqa: E402
 
 # float64, same mathematics, different summation order: rounding ~1e-15 on unit-scale values.
@@ -223,3 +223,75 @@ def test_bf16_forward_runs_flash_on_cuda():
     assert got.dtype == torch.bfloat16
     # bf16 SDPA errs by 5e-3 to 8e-3 on unit-scale inputs (DESIGN §2.8); lanes add bf16 rounding.
     torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_split_lane_parts_are_exact_and_sum_to_the_lane(dtype, parts):
+    """Each part is a number of the dtype; n parts leave at most u**n of the lane, u = eps/2 the unit roundoff.
+
+    float16's parts below 6e-5 are subnormal, spaced 2**-24 apart: each part adds up to 2**-25 absolute.
+    """
+    torch.manual_seed(9)
+    x = torch.randn(4000, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (4000,))
+    split = split_lane(x, dtype, parts)
+    assert split.dtype == dtype and split.shape == (4000, parts)
+    assert torch.equal(split.to(torch.float64).to(dtype), split) and torch.isfinite(split).all()
+    unit = torch.finfo(dtype).eps / 2  # 2**-8 bf16, 2**-11 fp16, 2**-24 fp32
+    floor = parts * 2.0**-25 if dtype == torch.float16 else 0.0
+    err = (split.double().sum(-1) - x).abs()
+    assert (err <= unit**parts * x.abs() * 1.01 + floor).all(), (err / x.abs()).max().item()
+
+
+@pytest.mark.parametrize("sink_parts, rel_parts", [(3, 1), (1, 2), (3, 2)])
+def test_split_layouts_compute_the_same_attention(sink_parts, rel_parts):
+    """float64: more channels per lane, the same scores; the value head grows with the lanes."""
+    prior, q, k, v = _setup(10, L=6, S=6)
+    lanes = prior.lanes(torch.arange(6), torch.arange(6), key_origin=5)
+    plain, split = fused_query_key(q, k, lanes), fused_query_key(q, k, lanes, sink_parts=sink_parts, rel_parts=rel_parts)
+    C = lanes.query.shape[-1]
+    assert split.query.shape[-1] - q.shape[-1] == (C - 1) * rel_parts + sink_parts
+    scores = lambda f: f.query @ f.key.transpose(-1, -2)  # noqa: E731 -- H == G here
+    torch.testing.assert_close(scores(split), scores(plain), rtol=0, atol=FLOAT64_TOL)
+    extra = split.query.shape[-1] - plain.query.shape[-1]
+    v_split = torch.cat([v, torch.zeros(*v.shape[:-1], extra, dtype=v.dtype)], dim=-1)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        got = goat_attention(q, k, v_split, lanes, is_causal=True, sink_parts=sink_parts, rel_parts=rel_parts)
+    want = goat_attention(q, k, v, lanes, is_causal=True)
+    torch.testing.assert_close(got[..., : v.shape[-1]], want, rtol=0, atol=FLOAT64_TOL)
+
+
+def test_split_sink_lane_keeps_the_recency_slope_in_bf16():
+    """A recency lane of size ~200 (slope 1/2, L = 400): in 3 bf16 parts every key keeps its own log-prior."""
+    prior = GoatPrior(1, 1, recency=True).double()
+    with torch.no_grad():
+        prior.slope.fill_(0.5)
+    lanes = prior.lanes(torch.arange(400), torch.arange(400), key_origin=399)
+    q, k = torch.zeros(1, 1, 400, 1, dtype=torch.bfloat16), torch.zeros(1, 1, 400, 1, dtype=torch.bfloat16)
+    for parts, distinct in ((1, False), (3, True)):
+        key = fused_query_key(q, k, lanes, sink_parts=parts).key[0, 0, :, -parts:].double().sum(-1)
+        assert (key.unique().numel() == 400) is distinct
+        if distinct:
+            torch.testing.assert_close(key, lanes.key[0, :, -1], rtol=0, atol=1e-5)
+
+
+def test_bad_parts_raise_value_error():
+    prior, q, k, v = _setup(11, L=3, S=3)
+    lanes = prior.lanes(torch.arange(3), torch.arange(3))
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="sink_parts must be a positive integer"):
+            fused_query_key(q, k, lanes, sink_parts=bad)
+        with pytest.raises(ValueError, match="rel_parts must be a positive integer"):
+            fused_query_key(q, k, lanes, rel_parts=bad)
+    with pytest.raises(ValueError, match="parts must be a positive integer"):
+        split_lane(torch.zeros(3), torch.bfloat16, 0)
+
+
+def test_sink_channels_clamp_only_what_the_dtype_cannot_hold():
+    """float16 holds +-65504: a lane of -1e6 is clamped to -32752 (finite, also with a masked key's -1e4 added);
+    bfloat16 holds it, so nothing is clamped and three parts give it back to ~1e6 * 2**-24."""
+    u = torch.tensor([-1e6, -5e4, -1.0, 0.0, 3.0], dtype=torch.float64)
+    half = sink_channels(u, torch.float16, 3)
+    assert torch.isfinite(half).all() and torch.isfinite(half[..., -1] - 1e4).all()
+    assert half.double().sum(-1)[0].item() == -32752.0 and half.double().sum(-1)[2:].tolist() == [-1.0, 0.0, 3.0]
+    torch.testing.assert_close(sink_channels(u, torch.bfloat16, 3).double().sum(-1), u, rtol=2.0**-23, atol=0)

@@ -38,6 +38,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from otattn.nn.functional import sink_channels
 from otattn.nn.gated import _check_qkv, _default_scale, fused_attention
 from otattn.nn.priors import alibi_slopes
 
@@ -212,14 +213,15 @@ class ALiBi(PositionalEncoding):
     spaced by 0.06, bf16 by 4096), and only the logit *differences* between keys matter.
     After re-centring the lane is bounded by :math:`m` times the span of the call's
     positions, and it is smallest (exact) near the newest query.  A long span in bf16 still
-    rounds the far keys' lanes (DESIGN §2.5b), so by default the lane is split into a high
-    and a low part (``lane_parts = 2``), each rounded to the working dtype, whose products
-    the kernel adds in float32.  Measured here (H = 8, D = 64, causal, CPU flash kernel,
-    against float64): bf16 with one part errs by 1.1 at L = 512 and 2.7 at L = 2048
+    rounds the far keys' lanes (DESIGN §2.5b), so by default the lane is split into three
+    parts (``lane_parts = 3``, :func:`otattn.nn.functional.sink_channels`), each exact in the
+    working dtype, whose products the kernel adds in float32: the lane keeps about float32
+    precision (book, :ref:`ch-precision`).  Measured here (H = 8, D = 64, causal, CPU flash
+    kernel, against float64): bf16 with one part errs by 1.1 at L = 512 and 2.7 at L = 2048
     (outputs of size ~3); with two parts by 1.2e-2 and 1.4e-2, the error of bf16 attention
     with the log-prior materialised as an ``attn_mask``.  In float32 the error is 1.4e-5
-    at L = 512 and 5.5e-5 at L = 2048 (materialised: 1e-6): logits of size :math:`m L`
-    round at their ulp.
+    at L = 512 and 5.5e-5 at L = 2048 (materialised: 1e-6): the logits carry a row constant
+    of size up to :math:`m L`, which the kernel's float32 accumulator rounds.
     Re-centring per query block (one call per block) would remove that; not done here.
 
     Parameters
@@ -227,13 +229,13 @@ class ALiBi(PositionalEncoding):
     n_heads : int
     slopes : sequence of float, shape (H,), optional
         :math:`m_h`; default :math:`2^{-8h/H}`, :math:`h = 1 .. H` :cite:`press2022alibi`.
-    lane_parts : int, default 2
-        Number of channels the lane is split over (1 suffices in float32 and float64).
+    lane_parts : int, default 3
+        Number of channels the lane is split over (1 suffices in float64).
     """
 
     keys_in_past_only = True
 
-    def __init__(self, n_heads: int, *, slopes=None, lane_parts: int = 2) -> None:
+    def __init__(self, n_heads: int, *, slopes=None, lane_parts: int = 3) -> None:
         super().__init__()
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
             raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
@@ -256,11 +258,7 @@ class ALiBi(PositionalEncoding):
         if q.shape[1] != self.slopes.shape[0]:
             raise ValueError(f"q has {q.shape[1]} heads, the encoding has {self.slopes.shape[0]} slopes")
         B, H, L, _ = q.shape
-        rest, parts = self.lane(query_pos, key_pos), []
-        for _ in range(self.extra_channels):  # high part first, then what its rounding lost
-            parts.append(rest.to(k.dtype))
-            rest = rest - parts[-1].to(torch.float64)
-        lanes = torch.stack(parts, dim=-1).expand(B, -1, -1, -1)  # (B, H, S, parts)
+        lanes = sink_channels(self.lane(query_pos, key_pos), k.dtype, self.extra_channels).expand(B, -1, -1, -1)  # (B, H, S, parts)
         ones = q.new_ones(B, H, L, self.extra_channels)
         return torch.cat([scale * q, ones], dim=-1), torch.cat([k, lanes], dim=-1)
 

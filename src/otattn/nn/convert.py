@@ -23,7 +23,8 @@ of parameterisation, all resolved by :func:`goat_to_otattn`:
   when ``is_causal=True`` is passed to ``forward``; ours is a plain slope, fixed by the
   config's ``causal``.  So the caller says which way the layer is used.
 - *Fewer prior channels.*  Theirs has ``2R + 1`` lanes, or ``2R`` without the sink, and
-  allows ``R = 0`` (their GPT factory's default); ours always has ``2 max(R, 1) + 1``.  We
+  allows ``R = 0`` (their GPT factory's default); ours always has ``2 max(R, 1) + 3``
+  (the sink lane in three channels, for bfloat16: ``GoatConfig.sink_parts``).  We
   widen our heads by the missing channels: the extra relative weights are zero, and the
   extra value channels have zero projection rows and zero output columns, so the
   function is unchanged (and the content size :math:`d_c` is theirs).  Their sink with
@@ -178,7 +179,7 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
     H, G, D, d_c = module.num_heads, module.kv_num_heads, module.head_dim, module.content_dim
     R, M, sink = module.R, module.M, bool(module.enable_key_bias)
     rank = max(R, 1)
-    pad = (2 * rank + 1) - module.pos_dim  # channels our head has and theirs has not, >= 0
+    pad = (2 * rank + GoatConfig.sink_parts) - module.pos_dim  # channels our head has and theirs has not, >= 0
     proj = _projections(module)
     weight = proj["q"][0]
     has_bias = module.out_proj.bias is not None

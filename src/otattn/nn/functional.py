@@ -10,6 +10,10 @@ The prior rides in :math:`C = 2R + 1` channels taken from the head (book,
 
 and SDPA is called with ``scale=1.0`` on 4-D ``(B, H, L, D)`` inputs whose values have the
 same head size ``D``.  So the fused (flash) kernel runs and no ``L x S`` tensor is built.
+:func:`goat_attention` uses the equivalent layout :math:`q' = [q_c,\ \sqrt{d_c}\,
+q^{\mathrm{lane}}]` with ``scale`` :math:`= 1/\sqrt{d_c}`, which saves one rounding in
+bfloat16, and carries lanes in several exact channels where low precision needs it
+(:func:`split_lane`; book, :ref:`ch-precision`).
 
 Which SDPA path each case takes (measured with torch 2.13 on CPU under
 ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``, which raises on any fallback; see
@@ -48,13 +52,61 @@ from torch import Tensor
 
 from otattn.nn.priors import Lanes
 
-__all__ = ["fused_query_key", "goat_attention", "lane_attention", "prior_attention"]
+__all__ = ["fused_query_key", "goat_attention", "lane_attention", "prior_attention", "sink_channels", "split_lane"]
 
 # Log-prior given to a masked key in its sink lane.  It must make exp(logit) vanish next to
 # the row's largest logit: float32 underflows below e**-104 and float64 below e**-745, and
 # |content score + prior| stays far below 1e4 for any sane model.  It must also stay finite
 # (an -inf lane would give 0 * inf = NaN in the backward pass) and fit float16 (max 65504).
 _MASKED_LOG_PRIOR = -1.0e4
+
+
+
+
+def split_lane(values: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
+    r"""Split a lane into ``parts`` channels, each exact in ``dtype``, whose sum is the lane.
+
+    Part 1 is ``values`` rounded to ``dtype``; part :math:`k + 1` is what parts
+    :math:`1..k` missed, rounded again.  The remainders are formed in float64, where the
+    subtraction of a number's own rounding is exact.  A kernel that multiplies each part
+    by a query channel of 1 and adds the products in float32 (every fused SDPA kernel
+    does) then sees the lane to a relative :math:`2^{-8n}` in bfloat16 (n = ``parts``;
+    one channel gives :math:`2^{-8}`) and :math:`2^{-11n}` in float16, where parts below
+    :math:`6 \cdot 10^{-5}` are subnormal and add up to :math:`2^{-25}` each (book,
+    :ref:`ch-precision`).
+
+    Parameters
+    ----------
+    values : Tensor, shape (...)
+        The lane, in float32 or float64.
+    dtype : torch.dtype
+        The kernel's dtype.
+    parts : int
+        Number of channels, at least 1 (1: just the rounding).
+
+    Returns
+    -------
+    Tensor of ``dtype``, shape (..., parts)
+        Largest part first.
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive integer, got {parts!r}")
+    rest, out = values.to(torch.float64), []
+    for _ in range(parts):
+        out.append(rest.to(dtype))
+        rest = rest - out[-1].to(torch.float64)
+    return torch.stack(out, dim=-1)
+
+
+def sink_channels(u: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
+    """The sink lane ``u`` (..., S) as ``parts`` key channels (..., S, parts) of ``dtype``, by :func:`split_lane`.
+
+    The lane is first clamped at half the dtype's largest negative number, so that every
+    part stays finite, with a masked key's -1e4 added too.  That changes nothing in float32
+    or bfloat16 (about -1.7e38); in float16 it is -32752, and keys below it all get that
+    log-prior: a lane that long does not fit float16 at all.
+    """
+    return split_lane(u.clamp(min=-torch.finfo(dtype).max / 2), dtype, parts)
 
 
 def _check_4d(x: Tensor, name: str, axes: str) -> None:
@@ -65,13 +117,29 @@ def _check_4d(x: Tensor, name: str, axes: str) -> None:
         raise ValueError(f"{name} must be floating point, got {x.dtype}")
 
 
-def fused_query_key(q: Tensor, k: Tensor, lanes: Lanes) -> Lanes:
+def fused_query_key(
+    q: Tensor, k: Tensor, lanes: Lanes, *, sink_parts: int = 1, rel_parts: int = 1, scale_in_kernel: bool = False
+) -> Lanes:
     r"""Queries and keys for a kernel of scale 1: :math:`q' = [q_c/\sqrt{d_c}, q^{\mathrm{lane}}]`, :math:`k' = [k_c, k^{\mathrm{lane}}]`.
 
     :eq:`eq-fused`.  Torch twin of :func:`otattn.spectral.fused_query_key`, which slices
     the content from a full head: ``fused_query_key(q[..., :d_c], k[..., :d_c], lanes)``
     here equals ``fused_query_key(q, k, lanes)`` there.  The lanes are cast to the dtype
     of ``q`` only here (bfloat16 models get bfloat16 lanes: SDPA needs one dtype).
+
+    Low precision (book, :ref:`sec-torch-precision`).  With ``sink_parts = n > 1`` the
+    last lane, the sink lane of :func:`goat_lanes` (query channel 1, key channel
+    :math:`u(j)`), is carried by n channels: the key's by :func:`split_lane` (n parts,
+    each exact in the dtype of ``k``), the query's channel repeated n times.  With
+    ``rel_parts = m > 1`` every other key lane is split into m parts the same way, the
+    query's relative lanes repeated m times.  The dot products are unchanged in exact
+    arithmetic; a split lane keeps about 8n significant bits in bfloat16 instead of 8
+    (float16: see :func:`sink_channels`).  With ``scale_in_kernel=True`` the content is
+    left unscaled and the lanes carry the factor instead (query relative lanes times
+    :math:`\sqrt{d_c}`, formed before the cast; sink lane times :math:`\sqrt{d_c}`, formed
+    in float64 before the split), for a kernel of scale :math:`1/\sqrt{d_c}` (as
+    :func:`goat_attention` calls it): the same scores, without the rounding of
+    :math:`q_c/\sqrt{d_c}` to a low-precision dtype, which plain SDPA does not pay either.
 
     Parameters
     ----------
@@ -82,11 +150,16 @@ def fused_query_key(q: Tensor, k: Tensor, lanes: Lanes) -> Lanes:
     lanes : Lanes
         ``query`` (H, L, C) and ``key`` (G or 1, S, C), e.g. from
         :meth:`otattn.nn.priors.GoatPrior.lanes`.
+    sink_parts, rel_parts : int, default 1
+        Channels that carry the last (sink) lane, and each of the others.
+    scale_in_kernel : bool, default False
+        Leave :math:`1/\sqrt{d_c}` to the kernel (see above).
 
     Returns
     -------
     Lanes
-        ``query`` (B, H, L, d_c + C) and ``key`` (B, G, S, d_c + C) in the dtype of ``q``.
+        ``query`` (B, H, L, d_c + C') and ``key`` (B, G, S, d_c + C') in the dtype of ``q``,
+        with :math:`C' = (C - 1)\,\text{rel\_parts} + \text{sink\_parts}`.
     """
     _check_4d(q, "q", "(B, H, L, d_c)")
     _check_4d(k, "k", "(B, G, S, d_c)")
@@ -101,13 +174,29 @@ def fused_query_key(q: Tensor, k: Tensor, lanes: Lanes) -> Lanes:
             f"lanes of shapes {tuple(lanes.query.shape)} and {tuple(lanes.key.shape)} do not fit "
             f"q {tuple(q.shape)} and k {tuple(k.shape)}: expected ({H}, {L}, C) and ({G} or 1, {S}, C)"
         )
-    q_lane = lanes.query.to(q.dtype).expand(B, H, L, C)
-    k_lane = lanes.key.to(k.dtype).expand(B, G, S, C)
-    return Lanes(query=torch.cat([q / math.sqrt(d_c), q_lane], dim=-1), key=torch.cat([k, k_lane], dim=-1))
+    for n, name in ((sink_parts, "sink_parts"), (rel_parts, "rel_parts")):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    dtype, root = k.dtype, math.sqrt(d_c)
+    q_rel, k_rel = lanes.query[..., :-1], lanes.key[..., :-1]
+    q_rel = (q_rel * root if scale_in_kernel else q_rel).to(dtype)
+    if rel_parts > 1:  # key parts lane-major within each part: [all highs, all lows, ...]
+        k_rel = split_lane(k_rel, dtype, rel_parts).transpose(-1, -2).flatten(-2)
+        q_rel = q_rel.repeat(1, 1, rel_parts)
+    q_sink = lanes.query[..., -1:].to(dtype).expand(H, L, sink_parts)
+    u = lanes.key[..., -1].to(torch.float64) * root if scale_in_kernel else lanes.key[..., -1]
+    k_sink = u[..., None].to(dtype) if sink_parts == 1 else sink_channels(u, dtype, sink_parts)
+    q_lane, k_lane = torch.cat([q_rel, q_sink], dim=-1), torch.cat([k_rel.to(dtype), k_sink], dim=-1)
+    C = q_lane.shape[-1]
+    q_lane, k_lane = q_lane.expand(B, H, L, C), k_lane.expand(B, G, S, C)
+    q_c = q if scale_in_kernel else q / root
+    return Lanes(query=torch.cat([q_c, q_lane], dim=-1), key=torch.cat([k, k_lane], dim=-1))
 
 
-def lane_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, key_mask: Tensor | None = None) -> Tensor:
-    r"""SDPA of scale 1 on fused queries and keys: :math:`o_i = \sum_j \operatorname{softmax}_j(\langle q'_i, k'_j\rangle) v_j`.
+def lane_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float = 1.0, is_causal: bool = False, key_mask: Tensor | None = None
+) -> Tensor:
+    r"""SDPA on fused queries and keys: :math:`o_i = \sum_j \operatorname{softmax}_j(\text{scale}\,\langle q'_i, k'_j\rangle) v_j`.
 
     The kernel call of :func:`goat_attention`, for callers that hold fused keys already
     (a KV cache).  The last channel of ``q`` must be the constant 1 of the sink lane, as
@@ -119,6 +208,9 @@ def lane_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, 
     q : Tensor, shape (B, H, L, D)
     k, v : Tensor, shape (B, G, S, D)
         Same dtype and head size as ``q`` (otherwise SDPA would leave the fused kernel).
+    scale : float, default 1
+        Multiplies the dot products: 1 for :func:`fused_query_key`'s default layout,
+        :math:`1/\sqrt{d_c}` for its ``scale_in_kernel=True`` layout.
     is_causal : bool, default False
         Query i sees keys ``j <= S - L + i``; needs ``L <= S``.
     key_mask : Tensor of bool, shape (B, S), optional
@@ -146,7 +238,9 @@ def lane_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, 
         if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, S):
             got = (key_mask.dtype, tuple(key_mask.shape)) if isinstance(key_mask, Tensor) else type(key_mask).__name__
             raise ValueError(f"key_mask must be a boolean tensor of shape (B, S) = ({B}, {S}), got {got}")
-        floor = torch.where(key_mask, 0.0, _MASKED_LOG_PRIOR).to(k.dtype)[:, None, :, None]  # (B, 1, S, 1)
+        # -1e4 after the kernel's scale, or the most float16 can hold (then still below -1e3 for d_c < 250)
+        masked = -min(-_MASKED_LOG_PRIOR / scale, torch.finfo(k.dtype).max / 4)
+        floor = torch.where(key_mask, 0.0, masked).to(k.dtype)[:, None, :, None]  # (B, 1, S, 1)
         k = torch.cat([k[..., :-1], k[..., -1:] + floor], dim=-1)
     attn_mask, causal_flag = None, False
     if is_causal:
@@ -157,7 +251,7 @@ def lane_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, 
         elif L > 1:  # the slow path: an explicit (L, S) boolean mask, diagonal at S - L
             attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=causal_flag, scale=1.0, enable_gqa=G != H
+        q, k, v, attn_mask=attn_mask, is_causal=causal_flag, scale=scale, enable_gqa=G != H
     )
     if key_mask is not None:
         # Row i sees keys up to last[i]; it is empty if the first allowed key lies beyond.
@@ -169,7 +263,8 @@ def lane_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, 
 
 
 def goat_attention(
-    q: Tensor, k: Tensor, v: Tensor, lanes: Lanes, *, is_causal: bool = False, key_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, lanes: Lanes, *, is_causal: bool = False, key_mask: Tensor | None = None,
+    sink_parts: int = 1, rel_parts: int = 1,
 ) -> Tensor:
     r"""GOAT attention :math:`o_i = \sum_j \operatorname{softmax}_j(s_{ij} + K_{ij})\, v_j`, fused.
 
@@ -186,27 +281,31 @@ def goat_attention(
     k : Tensor, shape (B, G, S, d_c)
         Content keys, G dividing H.
     v : Tensor, shape (B, G, S, D)
-        Values, with ``D = d_c + C`` so that the kernel sees one head size.
+        Values, with ``D = d_c + C'`` (:func:`fused_query_key`) so that the kernel sees one head size.
     lanes : Lanes
         ``query`` (H, L, C), ``key`` (G or 1, S, C).
     is_causal : bool, default False
         Queries are the last L keys: query i sees keys ``j <= S - L + i``.
     key_mask : Tensor of bool, shape (B, S), optional
         ``True`` where the key may be attended.
+    sink_parts, rel_parts : int, default 1
+        Channels that carry the sink lane and each relative lane (:func:`fused_query_key`);
+        ``sink_parts=3`` keeps the sink lane to about float32 precision in bfloat16, which
+        a recency term needs.
 
     Returns
     -------
     out : Tensor, shape (B, H, L, D)
     """
     _check_4d(v, "v", "(B, G, S, D)")
-    C = lanes.query.shape[-1]
-    if v.shape[-1] != q.shape[-1] + C:
+    fused = fused_query_key(q, k, lanes, sink_parts=sink_parts, rel_parts=rel_parts, scale_in_kernel=True)
+    if v.shape[-1] != fused.query.shape[-1]:
+        C = fused.query.shape[-1] - q.shape[-1]
         raise ValueError(
-            f"the value head size must be d_c + C = {q.shape[-1]} + {C} = {q.shape[-1] + C} so that SDPA stays fused, "
+            f"the value head size must be d_c + C' = {q.shape[-1]} + {C} = {q.shape[-1] + C} so that SDPA stays fused, "
             f"got {v.shape[-1]}"
         )
-    fused = fused_query_key(q, k, lanes)
-    return lane_attention(fused.query, fused.key, v, is_causal=is_causal, key_mask=key_mask)
+    return lane_attention(fused.query, fused.key, v, scale=q.shape[-1] ** -0.5, is_causal=is_causal, key_mask=key_mask)
 
 
 def prior_attention(q: Tensor, k: Tensor, v: Tensor, *, log_prior: Tensor | None = None, scale: float | None = None) -> Tensor:

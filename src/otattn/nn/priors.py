@@ -1,6 +1,6 @@
 r"""The GOAT prior in PyTorch: query and key lanes from integer positions.
 
-Torch twin of :mod:`otattn.spectral` for sequences (book, :ref:`ch-goat`).  The log-prior
+Torch twin of :mod:`otattn.spectral` for sequences and grids (book, :ref:`ch-goat`).  The log-prior
 
 .. math::
 
@@ -19,6 +19,14 @@ head :math:`g(h)`) is never built as a matrix by the attention: it is the dot pr
 with :math:`c = \cos\omega p`, :math:`s = \sin\omega p`.  :func:`log_prior_from_lanes`
 materialises the ``(H, L, S)`` log-prior for plots and tests as the einsum of these same
 lanes; there is no second copy of the formula.
+
+Grids.  On an A-axis grid (image patches: A = 2, positions (row, column)) the relative
+prior is a sum over the axes, :eq:`eq-goat-2d`; the weights gain an axis, ``(H, A, R)``,
+and the relative lanes are the per-axis lanes side by side, ``2AR`` channels in the
+order of :func:`otattn.spectral.relative_lanes`.  A token without a position (a class
+token) gets zero relative lanes.  The sink term of a grid sees the raster index
+``0..S-1``, and there is no recency term (a key-linear :math:`m\,p_j` has no meaning
+without an order).
 
 Precision.  Phases :math:`\omega p` are formed from the integer positions in float64 as an
 exact sum of two floats (Dekker's product, as :func:`otattn.spectral.phase_lanes`), so
@@ -69,13 +77,15 @@ class Lanes:
     key: Tensor
 
 
-def _check_positions(pos: Tensor, name: str) -> Tensor:
-    """Return integer positions of shape (N,) as int64, or raise."""
+def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tensor:
+    """Return integer positions of shape (N,), or (N, n_axes) on a grid, as int64, or raise."""
     if not isinstance(pos, Tensor) or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
         dtype = pos.dtype if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"{name} must be an integer tensor of positions, got {dtype}")
-    if pos.ndim != 1 or pos.numel() == 0:
+    if n_axes is None and (pos.ndim != 1 or pos.numel() == 0):
         raise ValueError(f"{name} must have shape (N,) with N >= 1, got {tuple(pos.shape)}")
+    if n_axes is not None and (pos.ndim != 2 or pos.shape[0] == 0 or pos.shape[1] != n_axes):
+        raise ValueError(f"{name} must have shape (N, A) = (N, {n_axes}) with N >= 1 on a grid, got {tuple(pos.shape)}")
     if pos.abs().max().item() > _MAX_POSITION:
         raise ValueError(f"{name} must lie within +-2**53 so that float64 holds them exactly")
     return pos.to(torch.int64)
@@ -116,34 +126,68 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def relative_lanes(alpha: Tensor, beta: Tensor, query_pos: Tensor, key_pos: Tensor, *, base: float = 10_000.0) -> Lanes:
+def _has_position(flags: Tensor | None, n: int, name: str) -> Tensor | None:
+    """Check a class-token flag vector: ``None``, or a boolean tensor of shape (n,)."""
+    if flags is not None and (not isinstance(flags, Tensor) or flags.dtype != torch.bool or flags.shape != (n,)):
+        got = (flags.dtype, tuple(flags.shape)) if isinstance(flags, Tensor) else type(flags).__name__
+        raise ValueError(f"{name} must be a boolean tensor of shape ({n},), got {got}")
+    return flags
+
+
+def relative_lanes(
+    alpha: Tensor, beta: Tensor, query_pos: Tensor, key_pos: Tensor, *, base: float = 10_000.0,
+    query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+) -> Lanes:
     r"""Lanes of the relative prior :math:`\kappa_h(p_i - p_j)`, one set of weights per head.
 
     :math:`k^{\mathrm{rel}}(p) = [c, s]` and
     :math:`q^{\mathrm{rel}}_h(p) = [\alpha_h c + \beta_h s,\ \alpha_h s - \beta_h c]`,
-    :eq:`eq-lanes`; torch twin of :func:`otattn.spectral.relative_lanes` for sequences,
-    with a leading head axis on the weights.
+    :eq:`eq-lanes`; torch twin of :func:`otattn.spectral.relative_lanes`, with a leading
+    head axis on the weights.  On an A-axis grid these are formed per axis :math:`a` from
+    :math:`p_a` with :math:`\alpha_{ha}, \beta_{ha}` and concatenated axis after axis, so
+    the dot product is the sum of the axes' priors, :eq:`eq-goat-2d`.
 
     Parameters
     ----------
-    alpha, beta : Tensor, shape (H, R)
-    query_pos : Tensor of int, shape (L,)
-    key_pos : Tensor of int, shape (S,)
+    alpha, beta : Tensor, shape (H, R) for sequences or (H, A, R) for an A-axis grid
+    query_pos : Tensor of int, shape (L,), or (L, A) on a grid
+    key_pos : Tensor of int, shape (S,), or (S, A) on a grid
     base : float, default 10 000
+    query_has_position, key_has_position : Tensor of bool, shape (L,) and (S,), optional
+        ``False`` marks a token without a position (a class token): its relative lanes
+        are zero, so its relative prior with every token is zero.
 
     Returns
     -------
     Lanes
-        ``query`` (H, L, 2R) and ``key`` (1, S, 2R), in the compute dtype (at least float32).
+        ``query`` (H, L, 2AR) and ``key`` (1, S, 2AR) (A = 1 for sequences), in the
+        compute dtype (at least float32).
     """
-    if alpha.ndim != 2 or alpha.shape != beta.shape or alpha.shape[1] == 0:
-        raise ValueError(f"alpha and beta must share a shape (H, R), got {tuple(alpha.shape)} and {tuple(beta.shape)}")
+    if alpha.ndim not in (2, 3) or alpha.shape != beta.shape or 0 in alpha.shape[1:]:
+        raise ValueError(
+            f"alpha and beta must share a shape (H, R), or (H, A, R) on a grid, got {tuple(alpha.shape)} and {tuple(beta.shape)}"
+        )
+    grid = alpha.ndim == 3
+    n_axes = alpha.shape[1] if grid else 1
+    query_pos = _check_positions(query_pos, "query_pos", n_axes if grid else None).reshape(-1, n_axes)  # (L, A)
+    key_pos = _check_positions(key_pos, "key_pos", n_axes if grid else None).reshape(-1, n_axes)  # (S, A)
+    q_on = _has_position(query_has_position, query_pos.shape[0], "query_has_position")
+    k_on = _has_position(key_has_position, key_pos.shape[0], "key_has_position")
     dtype = _compute_dtype(alpha)
-    omega = _frequencies(alpha.shape[1], base, alpha.device)
-    cq, sq = phase_lanes(query_pos, omega).to(dtype).chunk(2, dim=1)  # (L, R) each
-    a, b = alpha.to(dtype)[:, None, :], beta.to(dtype)[:, None, :]  # (H, 1, R)
-    query = torch.cat([a * cq + b * sq, a * sq - b * cq], dim=-1)
-    return Lanes(query=query, key=phase_lanes(key_pos, omega).to(dtype)[None])
+    omega = _frequencies(alpha.shape[-1], base, alpha.device)
+    alpha, beta = (w.to(dtype).reshape(w.shape[0], n_axes, -1) for w in (alpha, beta))  # (H, A, R)
+    q_parts, k_parts = [], []
+    for ax in range(n_axes):
+        cq, sq = phase_lanes(query_pos[:, ax], omega).to(dtype).chunk(2, dim=1)  # (L, R) each
+        a, b = alpha[:, ax, None, :], beta[:, ax, None, :]  # (H, 1, R)
+        q_parts += [a * cq + b * sq, a * sq - b * cq]
+        k_parts.append(phase_lanes(key_pos[:, ax], omega).to(dtype))
+    query, key = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)[None]
+    if q_on is not None:
+        query = query * q_on.to(query.device, dtype)[:, None]
+    if k_on is not None:
+        key = key * k_on.to(key.device, dtype)[:, None]
+    return Lanes(query=query, key=key)
 
 
 def sink_features(
@@ -249,12 +293,14 @@ def _recency(slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torc
 
 
 def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
-    r"""All :math:`C = 2R + 1` lanes: query :math:`[q^{\mathrm{rel}}, 1]`, key :math:`[k^{\mathrm{rel}}, u]`, :eq:`eq-lanes`.
+    r"""All :math:`C = 2AR + 1` lanes: query :math:`[q^{\mathrm{rel}}, 1]`, key :math:`[k^{\mathrm{rel}}, u]`, :eq:`eq-lanes`.
+
+    A = 1 for sequences, A axes on a grid (:eq:`eq-goat-2d`).
 
     Parameters
     ----------
     rel : Lanes
-        From :func:`relative_lanes`: ``query`` (H, L, 2R), ``key`` (1, S, 2R).
+        From :func:`relative_lanes`: ``query`` (H, L, 2AR), ``key`` (1, S, 2AR).
     u : Tensor, shape (G, S), optional
         Sink term per key/value head (:func:`sink_term`); ``None`` means :math:`u = 0`.
 
@@ -295,7 +341,9 @@ def alibi_slopes(n_head: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
 class GoatPrior(nn.Module):
     r"""Trainable GOAT prior of one attention layer: :math:`\alpha, \beta` per head, a sink per key/value head.
 
-    Parameters (all float32 at construction): ``alpha``, ``beta`` (H, R); with
+    Parameters (all float32 at construction): ``alpha``, ``beta`` (H, R), or (H, A, R)
+    on an A-axis grid (``n_axes = A > 1``, so that ``alpha[h]`` is the (A, R) weight of
+    :class:`otattn.spectral.GoatParams`); with
     ``sink_hidden > 0`` the sink MLP ``w_in`` (G, Hs, F), ``b_in``, ``w_out`` (G, Hs), with
     F = 2 sink_freq + 1 features (+1 with ``sink_log_position``); with ``sink_bump=True``
     the first-key bump ``bump`` (G,); with ``recency=True`` the slope ``slope`` (G,).
@@ -303,6 +351,10 @@ class GoatPrior(nn.Module):
     its whole group.  :func:`sink_term` gives the formula; ``sink_activation``,
     ``sink_log_position`` and ``sink_bump`` select its variants (the authors' package uses
     ``"silu"``, ``True``, ``True``), and ``sink_base`` (default ``base``) its frequencies.
+
+    On a grid (:eq:`eq-goat-2d`) the prior takes positions of shape (N, A), its sink term
+    sees the raster index ``0..S-1`` as :func:`otattn.spectral.goat_lanes` does, and
+    ``recency=True`` is refused: a key-linear term :math:`m\,p_j` needs an order of the keys.
 
     ``init="uniform"``: :math:`\alpha = \beta = 0`, ``w_out = 0``, ``bump = 0``,
     ``slope = 0``, so :math:`K = 0` and the layer starts as standard attention.
@@ -315,17 +367,22 @@ class GoatPrior(nn.Module):
         self, n_head: int, rank: int, *, n_kv_head: int | None = None, base: float = 10_000.0,
         sink_hidden: int = 0, sink_freq: int = 4, length: int = 1024, recency: bool = False,
         init: str = "uniform", sink_activation: str = "tanh", sink_log_position: bool = False,
-        sink_bump: bool = False, sink_base: float | None = None,
+        sink_bump: bool = False, sink_base: float | None = None, n_axes: int = 1,
     ) -> None:
         super().__init__()
         G = n_head if n_kv_head is None else n_kv_head
-        for value, name in ((n_head, "n_head"), (rank, "rank"), (G, "n_kv_head"), (sink_freq, "sink_freq"), (length, "length")):
+        for value, name in ((n_head, "n_head"), (rank, "rank"), (G, "n_kv_head"), (sink_freq, "sink_freq"), (length, "length"),
+                            (n_axes, "n_axes")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if n_head % G:
             raise ValueError(f"n_head={n_head} must be a multiple of n_kv_head={G}")
         if init not in ("uniform", "alibi"):
             raise ValueError(f"init must be 'uniform' or 'alibi', got {init!r}")
+        if n_axes > 1 and recency:
+            raise ValueError(
+                f"recency=True adds a key-linear term m p_j, which has no meaning on a grid (n_axes={n_axes}): pass recency=False"
+            )
         if init == "alibi" and not recency:
             raise ValueError("init='alibi' seeds the recency slope: pass recency=True")
         if sink_activation not in _SINK_ACTIVATIONS:
@@ -334,9 +391,11 @@ class GoatPrior(nn.Module):
         spectral.goat_frequencies(rank, base=base)  # validates base
         spectral.goat_frequencies(sink_freq, base=sink_base)  # validates sink_base
         self.n_head, self.n_kv_head, self.rank, self.base, self.length = n_head, G, rank, float(base), length
+        self.n_axes = n_axes
         self.sink_activation, self.sink_log_position, self.sink_base = sink_activation, bool(sink_log_position), float(sink_base)
-        self.alpha = nn.Parameter(torch.zeros(n_head, rank))
-        self.beta = nn.Parameter(torch.zeros(n_head, rank))
+        weight_shape = (n_head, rank) if n_axes == 1 else (n_head, n_axes, rank)
+        self.alpha = nn.Parameter(torch.zeros(weight_shape))
+        self.beta = nn.Parameter(torch.zeros(weight_shape))
         self.w_in = self.b_in = self.w_out = self.bump = self.slope = None
         if sink_hidden > 0:
             F = 2 * sink_freq + (2 if sink_log_position else 1)
@@ -350,37 +409,56 @@ class GoatPrior(nn.Module):
 
     @property
     def n_lanes(self) -> int:
-        """C = 2R + 1 channels taken from the head."""
-        return 2 * self.rank + 1
+        """C = 2AR + 1 channels taken from the head (A = ``n_axes``)."""
+        return 2 * self.n_axes * self.rank + 1
 
-    def lanes(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Lanes:
+    def lanes(
+        self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None,
+        query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+    ) -> Lanes:
         r"""Query lanes (H, L, C) and key lanes (G, S, C) at integer positions, :eq:`eq-lanes`.
 
-        ``key_origin`` shifts the recency term by a constant (see :func:`sink_term`).
+        Positions have shape (L,) and (S,), or (L, A) and (S, A) on a grid
+        (:eq:`eq-goat-2d`).  ``query_has_position`` (L,) and ``key_has_position`` (S,),
+        boolean, mark tokens without a position (class tokens) by ``False``: their
+        relative lanes are zero (:func:`relative_lanes`).  ``key_origin`` shifts the
+        recency term by a constant (see :func:`sink_term`).
         """
-        rel = relative_lanes(self.alpha, self.beta, query_pos, key_pos, base=self.base)
-        dtype = rel.key.dtype
+        rel = relative_lanes(self.alpha, self.beta, query_pos, key_pos, base=self.base,
+                             query_has_position=query_has_position, key_has_position=key_has_position)
+        dtype, S = rel.key.dtype, rel.key.shape[1]
+        if self.n_axes > 1:  # the sink term of a grid sees the raster index, as spectral.goat_lanes
+            key_pos = torch.arange(S, device=key_pos.device)
         if self.w_in is not None:
             u = sink_term(self.w_in, self.b_in, self.w_out, self.slope, key_pos, length=self.length,
                           base=self.sink_base, key_origin=key_origin, activation=self.sink_activation,
                           log_position=self.sink_log_position, bump=self.bump)
         else:
-            u = rel.key.new_zeros(self.n_kv_head, rel.key.shape[1])
+            u = rel.key.new_zeros(self.n_kv_head, S)
             if self.bump is not None:
                 u = u + _first_key_bump(self.bump, key_pos, dtype)
             if self.slope is not None:
                 u = u + _recency(self.slope, key_pos, key_origin, dtype)
         return goat_lanes(rel, u)
 
-    def forward(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Lanes:
+    def forward(
+        self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None,
+        query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+    ) -> Lanes:
         """The lanes, :meth:`lanes`: calling the module gives what the attention consumes."""
-        return self.lanes(query_pos, key_pos, key_origin=key_origin)
+        return self.lanes(query_pos, key_pos, key_origin=key_origin,
+                          query_has_position=query_has_position, key_has_position=key_has_position)
 
-    def log_prior(self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None) -> Tensor:
-        """The materialised log-prior (H, L, S) from :meth:`lanes`, for plots and tests."""
-        return log_prior_from_lanes(self.lanes(query_pos, key_pos, key_origin=key_origin))
+    def log_prior(
+        self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None,
+        query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+    ) -> Tensor:
+        """The materialised log-prior (H, L, S) from :meth:`lanes` (same keywords), for plots and tests."""
+        return log_prior_from_lanes(self.lanes(query_pos, key_pos, key_origin=key_origin,
+                                               query_has_position=query_has_position, key_has_position=key_has_position))
 
     def extra_repr(self) -> str:
         sink = "none" if self.w_in is None else f"mlp({self.w_in.shape[1]}, {self.sink_activation})"
         return (f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, "
-                f"bump={self.bump is not None}, recency={self.slope is not None}")
+                f"bump={self.bump is not None}, recency={self.slope is not None}"
+                + (f", n_axes={self.n_axes}" if self.n_axes > 1 else ""))
