@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 GOAT_PEER := 0.1.1
 
-.PHONY: book test lab clean
+.PHONY: book test bench lab clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ book: $(STAMP)
 ## test: run the test suite, which also executes every chapter in a fresh kernel
 test: $(STAMP)
 	$(PY) -m pytest
+
+## bench: time and measure the memory of GOAT attention (chapter 8); writes bench.csv and bench.json
+## (about 30 minutes on 2 cores; the book's own run is book/data/bench_cpu.csv)
+bench: $(STAMP)
+	$(PY) -m otattn bench --out bench.csv
 
 ## lab: open the chapters as notebooks in JupyterLab (through jupytext)
 lab: $(STAMP)
