@@ -94,10 +94,10 @@ class GoatConfig:
             )
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; pass head_dim")
-        if self.dim <= self.n_lanes:
+        if self.dim <= self.prior_channels:
             raise ValueError(
                 f"head_dim={self.dim} is too small for rank={self.rank}: the prior takes 2 * n_axes * R * rel_parts + sink_parts = "
-                f"{self.n_lanes} channels and leaves no content channel"
+                f"{self.prior_channels} channels and leaves no content channel"
             )
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
@@ -110,8 +110,12 @@ class GoatConfig:
         return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
 
     @property
-    def n_lanes(self) -> int:
-        """Channels of the head that carry the prior: 2AR rel_parts + sink_parts (A = ``n_axes``)."""
+    def prior_channels(self) -> int:
+        """Head channels that carry the prior: 2AR rel_parts + sink_parts (A = ``n_axes``).
+
+        The prior builds ``GoatPrior.n_lanes`` = 2AR + 1 lanes; the split layout spreads them
+        over these channels (:func:`otattn.nn.functional.fused_query_key`).
+        """
         return 2 * self.n_axes * self.rank * self.rel_parts + self.sink_parts
 
     @property
@@ -161,7 +165,7 @@ class KVCache:
             key = torch.cat([self.key, key], dim=2)
             with torch.no_grad():
                 # the layer's layout carries sqrt(d_c) u (fused_query_key, scale_in_kernel=True)
-                d_c = self.config.dim - self.config.n_lanes
+                d_c = self.config.dim - self.config.prior_channels
                 key[:, :, :S_old, -n:] = sink_channels(old * math.sqrt(d_c), key.dtype, n)
             value, positions = torch.cat([self.value, value], dim=2), torch.cat([self.positions, positions])
             sink = torch.cat([old, sink], dim=1)
@@ -194,7 +198,7 @@ class GoatAttention(nn.Module):
         self.config = config
         self.layer_id = next(_layer_ids)
         H, G, D = config.n_head, config.kv_heads, config.dim
-        self.d_c = D - config.n_lanes
+        self.d_c = D - config.prior_channels
         self.q_proj = nn.Linear(config.n_embd, H * self.d_c, bias=config.bias)
         self.k_proj = nn.Linear(config.n_embd, G * self.d_c, bias=config.bias)
         self.v_proj = nn.Linear(config.n_embd, G * D, bias=config.bias)
