@@ -142,9 +142,7 @@ def kernel_error(method: str, setting: str, dtype: str, L: int, *, offset: int =
     if method != "sdpa":
         prior64 = make_prior(setting, cfg, dt, seed=seed)
         # The low-precision model's prior: parameters in the model dtype, lanes formed in float32.
-        prior_lo = GoatPrior(cfg.n_head, cfg.rank, sink_hidden=cfg.sink_hidden, sink_freq=cfg.sink_freq,
-                             length=cfg.length, recency=prior64.slope is not None).to(dt)
-        prior_lo.load_state_dict(prior64.state_dict())
+        prior_lo = copy.deepcopy(prior64).to(dt)
         d_qk = D - (2 * cfg.rank * _PARTS[method][1] + _PARTS[method][0])
     q, k = _draw((B, H, L, d_qk), dt, g), _draw((B, H, L, d_qk), dt, g)
     v, grad = _draw((B, H, L, D), dt, g), _draw((B, H, L, D), dt, g)

@@ -110,6 +110,11 @@ class GoatConfig:
         return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
 
     @property
+    def content_dim(self) -> int:
+        """Content channels per head, d_c = D - prior_channels."""
+        return self.dim - self.prior_channels
+
+    @property
     def prior_channels(self) -> int:
         """Head channels that carry the prior: 2AR rel_parts + sink_parts (A = ``n_axes``).
 
@@ -165,8 +170,7 @@ class KVCache:
             key = torch.cat([self.key, key], dim=2)
             with torch.no_grad():
                 # the layer's layout carries sqrt(d_c) u (fused_query_key, scale_in_kernel=True)
-                d_c = self.config.dim - self.config.prior_channels
-                key[:, :, :S_old, -n:] = sink_channels(old * math.sqrt(d_c), key.dtype, n)
+                key[:, :, :S_old, -n:] = sink_channels(old * math.sqrt(self.config.content_dim), key.dtype, n)
             value, positions = torch.cat([self.value, value], dim=2), torch.cat([self.positions, positions])
             sink = torch.cat([old, sink], dim=1)
         self.key, self.value, self.positions, self.sink, self.origin = key, value, positions, sink, origin
@@ -198,7 +202,7 @@ class GoatAttention(nn.Module):
         self.config = config
         self.layer_id = next(_layer_ids)
         H, G, D = config.n_head, config.kv_heads, config.dim
-        self.d_c = D - config.prior_channels
+        self.d_c = config.content_dim
         self.q_proj = nn.Linear(config.n_embd, H * self.d_c, bias=config.bias)
         self.k_proj = nn.Linear(config.n_embd, G * self.d_c, bias=config.bias)
         self.v_proj = nn.Linear(config.n_embd, G * D, bias=config.bias)

@@ -315,7 +315,7 @@ def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
     u = rel.key.new_zeros(1, S) if u is None else u.to(rel.key.dtype)
     if u.ndim != 2 or u.shape[1] != S:
         raise ValueError(f"u must have shape (G, S={S}), got {tuple(u.shape)}")
-    # Written into new tensors rather than torch.cat of broadcast views, which ran ~10x slower on CPU.
+    # Written into new tensors rather than torch.cat of broadcast views, which ran slower on CPU (torch 2.13).
     query = torch.nn.functional.pad(rel.query, (0, 1), value=1.0)
     key = rel.key.new_empty(u.shape[0], S, rel.key.shape[-1] + 1)
     key[..., :-1] = rel.key
