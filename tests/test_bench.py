@@ -28,16 +28,31 @@ def test_cli_help_works_without_importing_torch():
         "assert 'torch' not in sys.modules, 'python -m otattn --help imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    out = subprocess.run([sys.executable, "-m", "otattn", "--help"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "otattn", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "bench" in out
-    out = subprocess.run([sys.executable, "-m", "otattn", "bench", "--help"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "otattn", "bench", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     for option in ("--lengths", "--repeats", "--out", "--quick"):
         assert option in out
 
 
 def test_unknown_method_is_a_clear_error(tmp_path, capsys):
     pytest.importorskip("torch")
-    assert cli.main(["bench", "--quick", "--methods", "nope", "--out", str(tmp_path / "x.csv")]) == 2
+    assert (
+        cli.main(
+            ["bench", "--quick", "--methods", "nope", "--out", str(tmp_path / "x.csv")]
+        )
+        == 2
+    )
     assert "unknown methods ['nope']" in capsys.readouterr().err
 
 
@@ -46,24 +61,52 @@ def test_quick_benchmark_writes_csv_with_machine_description(tmp_path):
     from otattn.experiments import bench
 
     out = tmp_path / "quick.csv"
-    args = ["bench", "--quick", "--lengths", "32", "48", "--repeats", "1", "--out", str(out)]
-    subprocess.run([sys.executable, "-m", "otattn", *args], check=True, capture_output=True, text=True)
+    args = [
+        "bench",
+        "--quick",
+        "--lengths",
+        "32",
+        "48",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "otattn", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     lines = out.read_text().splitlines()
     comments = [line for line in lines if line.startswith("#")]
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert tuple(rows[0]) == bench.COLUMNS
     methods = [m for m in bench.METHODS if m != "flex"]
-    assert {(r["method"], r["L"], r["mode"]) for r in rows} == {(m, L, mode) for m in methods for L in ("32", "48") for mode in bench.MODES}
+    assert {(r["method"], r["L"], r["mode"]) for r in rows} == {
+        (m, L, mode) for m in methods for L in ("32", "48") for mode in bench.MODES
+    }
     for row in rows:
         assert row["status"] in ("ok", "skipped"), row
         if row["status"] == "ok":
-            assert float(row["time_median_s"]) > 0 and float(row["time_min_s"]) <= float(row["time_median_s"])
+            assert float(row["time_median_s"]) > 0 and float(
+                row["time_min_s"]
+            ) <= float(row["time_median_s"])
         else:
             assert row["note"], "a skipped case must say why"
     sdpa = [r for r in rows if r["method"] == "sdpa"]
     assert all(float(r["ratio_to_sdpa"]) == 1.0 for r in sdpa)
     meta = json.loads(out.with_suffix(".json").read_text())
-    for key in ("command", "date", "cpu", "cpu_count", "torch", "dtype", "device", "agreement"):
+    for key in (
+        "command",
+        "date",
+        "cpu",
+        "cpu_count",
+        "torch",
+        "dtype",
+        "device",
+        "agreement",
+    ):
         assert key in meta and any(c.startswith(f"# {key}: ") for c in comments), key
     assert meta["command"] == "python -m otattn " + " ".join(args)
     assert bench.read_csv(out)[0]["L"] == 32
@@ -82,12 +125,16 @@ def test_materialised_prior_is_skipped_with_a_reason_at_long_length():
     from otattn.experiments.bench import BenchConfig, skip_reason
 
     cfg = BenchConfig()
-    assert skip_reason("sdpa_mask", 16384, cfg, max_bytes=12 * 2**30).startswith("needs ~32 GiB")
+    assert skip_reason("sdpa_mask", 16384, cfg, max_bytes=12 * 2**30).startswith(
+        "needs ~32 GiB"
+    )
     assert skip_reason("sdpa_mask", 1024, cfg, max_bytes=12 * 2**30) is None
     assert skip_reason("goat", 16384, cfg, max_bytes=0) is None
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads /proc")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the CPU memory probe reads /proc"
+)
 def test_memory_probe_sees_the_materialised_log_prior():
     """At L = 2048 one (B, H, L, L) float32 tensor is 128 MiB: the mask path needs at least that (measured 428 MiB),
     the lanes far less (measured 30 MiB; plain SDPA 22 MiB)."""

@@ -38,14 +38,20 @@ def _toc_files() -> list[str]:
 def _chapters() -> list[pathlib.Path]:
     """Documents of the table of contents that are notebooks (they declare a kernel)."""
     paths = [ROOT / f"{name}.md" for name in _toc_files()]
-    return [p for p in paths if p.exists() and "kernelspec" in jupytext.read(p).metadata]
+    return [
+        p for p in paths if p.exists() and "kernelspec" in jupytext.read(p).metadata
+    ]
 
 
 def test_toc_lists_only_existing_files_and_every_book_page():
     listed = {ROOT / f"{name}.md" for name in _toc_files()}
     missing = sorted(str(p.relative_to(ROOT)) for p in listed if not p.exists())
     assert not missing, f"_toc.yml lists files that do not exist: {missing}"
-    orphans = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "book").glob("*.md") if p not in listed)
+    orphans = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "book").glob("*.md")
+        if p not in listed
+    )
     assert not orphans, f"book pages missing from _toc.yml: {orphans}"
 
 
@@ -61,6 +67,8 @@ def test_chapter_executes(path: pathlib.Path):
         notebook,
         timeout=CELL_TIMEOUT_S,
         kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},  # run where jupyter-book runs it
+        resources={
+            "metadata": {"path": str(path.parent)}
+        },  # run where jupyter-book runs it
     )
     client.execute()  # raises CellExecutionError, with the failing cell, on any error

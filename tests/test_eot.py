@@ -16,7 +16,13 @@ import pytest
 import scipy.optimize
 import scipy.special
 
-from otattn.eot import entropy, kl_divergence, one_sided_objective, one_sided_plan, one_sided_value
+from otattn.eot import (
+    entropy,
+    kl_divergence,
+    one_sided_objective,
+    one_sided_plan,
+    one_sided_value,
+)
 
 # Two float64 computations of the same probabilities (entries <= 1): logits reach
 # |c| / eps ~ 4e3 at eps = 1e-3, so each may carry ~4e3 * 2**-53 ~ 5e-13 of rounding
@@ -40,7 +46,11 @@ SLSQP_OBJECTIVE_SLACK = 1e-12
 SHAPES = [(1, 1), (1, 7), (5, 3), (4, 9)]
 BATCHES = [(), (2,), (2, 3)]
 EPSILONS = [1e-3, 0.1, 1.0, 10.0]
-POT_EPSILONS = [0.1, 1.0, 10.0]  # POT's exp(-cost / eps) overflows once max|c| / eps > 709
+POT_EPSILONS = [
+    0.1,
+    1.0,
+    10.0,
+]  # POT's exp(-cost / eps) overflows once max|c| / eps > 709
 
 
 def _cost(rng, batch, L, S, d=16):
@@ -61,7 +71,9 @@ def _dirichlet(rng, shape):
 def test_plan_equals_softmax_of_negative_cost_over_eps(L, S, batch, eps):
     cost = _cost(np.random.default_rng(0), batch, L, S)
     expected = scipy.special.softmax(-cost / eps, axis=-1)
-    np.testing.assert_allclose(one_sided_plan(cost, eps=eps), expected, rtol=0, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(
+        one_sided_plan(cost, eps=eps), expected, rtol=0, atol=FLOAT64_ATOL
+    )
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
@@ -84,7 +96,9 @@ def _pot_plans(cost, eps, solver):
             P = ot.unbalanced.sinkhorn_unbalanced(a, b, M, eps, reg_m=(np.inf, 0.0))
         else:
             P = ot.solve(M, a, b, reg=eps, unbalanced=(np.inf, 0)).plan
-        np.testing.assert_allclose(P.sum(axis=1), a, rtol=0, atol=POT_ATOL)  # hard row marginal
+        np.testing.assert_allclose(
+            P.sum(axis=1), a, rtol=0, atol=POT_ATOL
+        )  # hard row marginal
         plans[index] = P / P.sum(axis=1, keepdims=True)
     return plans
 
@@ -95,7 +109,9 @@ def _pot_plans(cost, eps, solver):
 def test_plan_equals_row_normalised_pot_unbalanced_plan(L, S, batch, eps):
     cost = _cost(np.random.default_rng(2), batch, L, S)
     expected = _pot_plans(cost, eps, "sinkhorn_unbalanced")
-    np.testing.assert_allclose(one_sided_plan(cost, eps=eps), expected, rtol=0, atol=POT_ATOL)
+    np.testing.assert_allclose(
+        one_sided_plan(cost, eps=eps), expected, rtol=0, atol=POT_ATOL
+    )
 
 
 @pytest.mark.parametrize("eps", POT_EPSILONS)
@@ -104,7 +120,9 @@ def test_plan_equals_row_normalised_pot_unbalanced_plan(L, S, batch, eps):
 def test_plan_equals_row_normalised_pot_solve_plan(L, S, batch, eps):
     cost = _cost(np.random.default_rng(3), batch, L, S)
     expected = _pot_plans(cost, eps, "solve")
-    np.testing.assert_allclose(one_sided_plan(cost, eps=eps), expected, rtol=0, atol=POT_ATOL)
+    np.testing.assert_allclose(
+        one_sided_plan(cost, eps=eps), expected, rtol=0, atol=POT_ATOL
+    )
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
@@ -112,12 +130,18 @@ def test_plan_equals_row_normalised_pot_solve_plan(L, S, batch, eps):
 def test_plan_is_invariant_to_row_constant_cost_shifts(L, S, eps):
     rng = np.random.default_rng(4)
     cost = _cost(rng, (2,), L, S)
-    shift = rng.uniform(-3.0, 3.0, size=(2, L, 1))  # |shift| / eps <= 3e3, as in FLOAT64_ATOL
+    shift = rng.uniform(
+        -3.0, 3.0, size=(2, L, 1)
+    )  # |shift| / eps <= 3e3, as in FLOAT64_ATOL
     shifted = one_sided_plan(cost + shift, eps=eps)
-    np.testing.assert_allclose(shifted, one_sided_plan(cost, eps=eps), rtol=0, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(
+        shifted, one_sided_plan(cost, eps=eps), rtol=0, atol=FLOAT64_ATOL
+    )
     # Shifting each row by its minimum (what keeps POT from overflowing) is one such shift.
     by_min = one_sided_plan(cost - cost.min(axis=-1, keepdims=True), eps=eps)
-    np.testing.assert_allclose(by_min, one_sided_plan(cost, eps=eps), rtol=0, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(
+        by_min, one_sided_plan(cost, eps=eps), rtol=0, atol=FLOAT64_ATOL
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -191,9 +215,14 @@ def test_negative_entropy_is_kl_to_uniform_minus_log_S(S):
     plan[0, 0] = np.eye(S)[0]  # a one-hot row: 0 log 0 = 0
     uniform = np.full(S, -np.log(S))
     np.testing.assert_allclose(
-        -entropy(plan), kl_divergence(plan, uniform) - np.log(S), rtol=0, atol=FLOAT64_ATOL
+        -entropy(plan),
+        kl_divergence(plan, uniform) - np.log(S),
+        rtol=0,
+        atol=FLOAT64_ATOL,
     )
-    np.testing.assert_allclose(entropy(np.full(S, 1 / S)), np.log(S), rtol=0, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(
+        entropy(np.full(S, 1 / S)), np.log(S), rtol=0, atol=FLOAT64_ATOL
+    )
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
@@ -206,7 +235,10 @@ def test_uniform_log_prior_gives_the_same_plan(L, S, eps):
     row_constant = rng.uniform(-5.0, 5.0, size=(2, L, 1))
     for log_prior in (uniform, row_constant):
         np.testing.assert_allclose(
-            one_sided_plan(cost, eps=eps, log_prior=log_prior), plain, rtol=0, atol=FLOAT64_ATOL
+            one_sided_plan(cost, eps=eps, log_prior=log_prior),
+            plain,
+            rtol=0,
+            atol=FLOAT64_ATOL,
         )
 
 
@@ -233,7 +265,9 @@ def test_plan_is_finite_for_large_costs_and_tiny_eps(batch):
     np.testing.assert_allclose(plan.sum(axis=-1), 1.0, rtol=0, atol=ROW_SUM_ATOL)
     np.testing.assert_array_equal(plan, levels == 0)
     # The soft-min is the hard min here, up to the two roundings of (-c / eps) * -eps.
-    np.testing.assert_allclose(one_sided_value(cost, eps=eps), cost.min(axis=-1), rtol=1e-15)
+    np.testing.assert_allclose(
+        one_sided_value(cost, eps=eps), cost.min(axis=-1), rtol=1e-15
+    )
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -246,7 +280,9 @@ def test_small_eps_tends_to_argmin(L, S):
     # Every other key weighs at most exp(-gap / eps) relative to the argmin, so the
     # argmin misses at most (S - 1) exp(-gap / eps) of the mass (here 1.2e-4 per key).
     bound = (S - 1) * np.exp(-0.09 / eps)
-    np.testing.assert_allclose(one_sided_plan(cost, eps=eps), one_hot, rtol=0, atol=bound)
+    np.testing.assert_allclose(
+        one_sided_plan(cost, eps=eps), one_hot, rtol=0, atol=bound
+    )
     assert S == 1 or np.abs(one_sided_plan(cost, eps=1.0) - one_hot).max() > 0.1
 
 
@@ -273,7 +309,9 @@ def test_masked_keys_get_zero_mass_and_the_rest_is_a_softmax(L, S, eps):
     np.testing.assert_array_equal(plan[~keep], 0.0)
     for i in range(L):
         expected = scipy.special.softmax(-cost[i, keep[i]] / eps)
-        np.testing.assert_allclose(plan[i, keep[i]], expected, rtol=0, atol=FLOAT64_ATOL)
+        np.testing.assert_allclose(
+            plan[i, keep[i]], expected, rtol=0, atol=FLOAT64_ATOL
+        )
 
 
 def test_kl_is_infinite_when_plan_puts_mass_on_a_masked_key():
@@ -287,7 +325,9 @@ def _objective_on(cost, **kwargs):
 
 
 FUNCTIONS = pytest.mark.parametrize(
-    "function", [one_sided_plan, one_sided_value, _objective_on], ids=["plan", "value", "objective"]
+    "function",
+    [one_sided_plan, one_sided_value, _objective_on],
+    ids=["plan", "value", "objective"],
 )
 COST = np.zeros((3, 4))
 
@@ -313,7 +353,10 @@ def test_bad_eps_raises(function, eps, match):
 @pytest.mark.parametrize(
     "cost, match",
     [
-        (np.where(np.eye(3, 4, k=1) > 0, np.nan, 0.0), r"cost contains NaN at \[0, 1\]"),
+        (
+            np.where(np.eye(3, 4, k=1) > 0, np.nan, 0.0),
+            r"cost contains NaN at \[0, 1\]",
+        ),
         (np.where(np.eye(3, 4) > 0, np.inf, 0.0), r"cost contains an infinite entry"),
         (np.where(np.eye(3, 4) > 0, -np.inf, 0.0), r"cost contains an infinite entry"),
         (np.float64(1.0), r"S >= 1 keys, got \(\)"),
@@ -333,15 +376,38 @@ def test_bad_cost_raises(function, cost, match):
 @pytest.mark.parametrize(
     "log_prior, match",
     [
-        (np.zeros((3, 5)), r"shape \(3, 5\) does not broadcast to the cost shape \(3, 4\)"),
-        (np.zeros((2, 3, 4)), r"shape \(2, 3, 4\) does not broadcast to the cost shape \(3, 4\)"),
+        (
+            np.zeros((3, 5)),
+            r"shape \(3, 5\) does not broadcast to the cost shape \(3, 4\)",
+        ),
+        (
+            np.zeros((2, 3, 4)),
+            r"shape \(2, 3, 4\) does not broadcast to the cost shape \(3, 4\)",
+        ),
         (np.where(np.eye(3, 4) > 0, np.nan, 0.0), r"log_prior contains NaN"),
         (np.where(np.eye(3, 4) > 0, np.inf, 0.0), r"log_prior contains \+inf"),
-        (np.where(np.arange(3)[:, None] == 2, -np.inf, COST), r"-inf for every key in row \[2\]"),
-        (np.ones((3, 4), dtype=bool), r"log_prior is boolean; convert a mask with otattn.priors.mask_log_prior"),
-        (np.zeros((3, 4), dtype=complex), r"log_prior must hold real numbers, got dtype complex128"),
+        (
+            np.where(np.arange(3)[:, None] == 2, -np.inf, COST),
+            r"-inf for every key in row \[2\]",
+        ),
+        (
+            np.ones((3, 4), dtype=bool),
+            r"log_prior is boolean; convert a mask with otattn.priors.mask_log_prior",
+        ),
+        (
+            np.zeros((3, 4), dtype=complex),
+            r"log_prior must hold real numbers, got dtype complex128",
+        ),
     ],
-    ids=["more-keys", "enlarging-broadcast", "nan", "+inf", "empty-row", "bool", "complex"],
+    ids=[
+        "more-keys",
+        "enlarging-broadcast",
+        "nan",
+        "+inf",
+        "empty-row",
+        "bool",
+        "complex",
+    ],
 )
 def test_bad_log_prior_raises(function, log_prior, match):
     with pytest.raises(ValueError, match=match):
@@ -349,9 +415,15 @@ def test_bad_log_prior_raises(function, log_prior, match):
 
 
 def test_bad_plan_raises():
-    with pytest.raises(ValueError, match=r"plan of shape \(3, 5\) does not match cost of shape \(3, "):
+    with pytest.raises(
+        ValueError, match=r"plan of shape \(3, 5\) does not match cost of shape \(3, "
+    ):
         one_sided_objective(np.zeros((3, 5)), COST)
-    for bad in (np.array([0.5, -0.1, 0.6]), np.array([0.5, np.nan, 0.5]), np.array([0.5, np.inf, 0.5])):
+    for bad in (
+        np.array([0.5, -0.1, 0.6]),
+        np.array([0.5, np.nan, 0.5]),
+        np.array([0.5, np.inf, 0.5]),
+    ):
         with pytest.raises(ValueError, match=r"plan must be non-negative"):
             entropy(bad)
         with pytest.raises(ValueError, match=r"plan must be non-negative"):
@@ -364,13 +436,17 @@ def test_results_are_float64_for_any_real_input_dtype(dtype):
     reference = cost.astype(np.float64)
     plan, value = one_sided_plan(cost, eps=0.5), one_sided_value(cost, eps=0.5)
     assert plan.dtype == value.dtype == np.float64
-    assert one_sided_objective(plan.astype(np.float32), cost, eps=0.5).dtype == np.float64
+    assert (
+        one_sided_objective(plan.astype(np.float32), cost, eps=0.5).dtype == np.float64
+    )
     np.testing.assert_array_equal(plan, one_sided_plan(reference, eps=0.5))
     np.testing.assert_array_equal(value, one_sided_value(reference, eps=0.5))
 
 
 def test_eps_may_be_a_zero_dimensional_array():
-    np.testing.assert_array_equal(one_sided_plan(COST, eps=np.array(0.5)), one_sided_plan(COST, eps=0.5))
+    np.testing.assert_array_equal(
+        one_sided_plan(COST, eps=np.array(0.5)), one_sided_plan(COST, eps=0.5)
+    )
 
 
 @pytest.mark.parametrize(
@@ -397,7 +473,15 @@ def test_the_smallest_cost_of_a_masked_key_does_not_shift_the_logits():
     cost = np.array([[-1e300, 0.0, 1.0]])
     log_prior = np.array([[-np.inf, 0.0, 0.0]])
     expected = one_sided_plan(cost[:, 1:], eps=0.5)
-    np.testing.assert_allclose(one_sided_plan(cost, eps=0.5, log_prior=log_prior)[:, 1:], expected, rtol=0, atol=FLOAT64_ATOL)
     np.testing.assert_allclose(
-        one_sided_value(cost, eps=0.5, log_prior=log_prior), one_sided_value(cost[:, 1:], eps=0.5), rtol=0, atol=OBJECTIVE_ATOL
+        one_sided_plan(cost, eps=0.5, log_prior=log_prior)[:, 1:],
+        expected,
+        rtol=0,
+        atol=FLOAT64_ATOL,
+    )
+    np.testing.assert_allclose(
+        one_sided_value(cost, eps=0.5, log_prior=log_prior),
+        one_sided_value(cost[:, 1:], eps=0.5),
+        rtol=0,
+        atol=OBJECTIVE_ATOL,
     )

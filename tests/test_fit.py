@@ -25,8 +25,16 @@ ALIBI_TV_TOL = 1e-2
 
 def _params(seed: int, R: int, sink: bool) -> GoatParams:
     rng = np.random.default_rng(seed)
-    sink_params = SinkParams(rng.normal(size=(4, 7)), rng.normal(size=4), rng.normal(size=4), slope=0.05) if sink else None
-    return GoatParams(alpha=rng.normal(size=R), beta=rng.normal(size=R), sink=sink_params)
+    sink_params = (
+        SinkParams(
+            rng.normal(size=(4, 7)), rng.normal(size=4), rng.normal(size=4), slope=0.05
+        )
+        if sink
+        else None
+    )
+    return GoatParams(
+        alpha=rng.normal(size=R), beta=rng.normal(size=R), sink=sink_params
+    )
 
 
 @pytest.mark.parametrize("L, S", [(6, 6), (4, 9)])
@@ -40,14 +48,21 @@ def test_lane_gradients_match_finite_differences(L, S, R, sink):
     x = _flatten(params)
     grad = _flatten(prior_fit_loss(params, target, log_mask=mask).grad)
     loss = lambda y: prior_fit_loss(_unflatten(y, params), target, log_mask=mask).loss
-    fd = np.array([(loss(x + FD_STEP * e) - loss(x - FD_STEP * e)) / (2 * FD_STEP) for e in np.eye(x.size)])
+    fd = np.array(
+        [
+            (loss(x + FD_STEP * e) - loss(x - FD_STEP * e)) / (2 * FD_STEP)
+            for e in np.eye(x.size)
+        ]
+    )
     np.testing.assert_allclose(grad, fd, rtol=0, atol=FD_TOL)
 
 
 def test_loss_and_gradient_vanish_at_a_representable_target():
     params = _params(seed=2, R=3, sink=True)
     mask = causal_log_prior(7, 7)
-    target = one_sided_plan(np.zeros((7, 7)), log_prior=goat_log_prior(params, 7, 7) + mask)
+    target = one_sided_plan(
+        np.zeros((7, 7)), log_prior=goat_log_prior(params, 7, 7) + mask
+    )
     result = prior_fit_loss(params, target, log_mask=mask)
     np.testing.assert_allclose(result.loss, 0.0, rtol=0, atol=FLOAT64_TOL)
     np.testing.assert_allclose(_flatten(result.grad), 0.0, rtol=0, atol=FLOAT64_TOL)
@@ -57,8 +72,12 @@ def test_loss_and_gradient_vanish_at_a_representable_target():
 def test_fit_recovers_a_causal_alibi_target():
     N = 16
     mask = causal_log_prior(N, N)
-    target = one_sided_plan(np.zeros((N, N)), log_prior=alibi_log_prior(N, N, slope=0.3))
-    init = GoatParams(np.zeros(4), np.zeros(4), SinkParams(np.zeros((2, 3)), np.zeros(2), np.zeros(2)))
+    target = one_sided_plan(
+        np.zeros((N, N)), log_prior=alibi_log_prior(N, N, slope=0.3)
+    )
+    init = GoatParams(
+        np.zeros(4), np.zeros(4), SinkParams(np.zeros((2, 3)), np.zeros(2), np.zeros(2))
+    )
     fit = fit_goat_prior(target, init, log_mask=mask, steps=200, learning_rate=0.05)
     assert fit.losses[-1] < fit.losses[0]
     assert 0.5 * np.abs(fit.plan - target).sum(axis=1).max() < ALIBI_TV_TOL

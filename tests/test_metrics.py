@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from otattn.attention import attention_plan
-from otattn.metrics import first_token_mass, first_token_mass_per_head, informative_queries, sink_head_fraction
+from otattn.metrics import (
+    first_token_mass,
+    first_token_mass_per_head,
+    informative_queries,
+    sink_head_fraction,
+)
 from otattn.priors import causal_log_prior, key_log_prior, mask_log_prior, position_lag
 
 # Means of unit-scale weights: rounding ~1e-16.
@@ -30,8 +35,12 @@ def test_first_token_mass_per_head_is_the_mean_over_batch_and_informative_querie
     plan, allowed = _plans(301)
     alpha = first_token_mass_per_head(plan, allowed=allowed)
     # Causal, L = S: query 0 sees only key 0 and is left out; the others all see key 0.
-    np.testing.assert_allclose(alpha, plan[:, :, 1:, 0].mean(axis=(0, 2)), rtol=0, atol=FLOAT64_TOL)
-    np.testing.assert_allclose(first_token_mass(plan, allowed=allowed), alpha.mean(), rtol=0, atol=FLOAT64_TOL)
+    np.testing.assert_allclose(
+        alpha, plan[:, :, 1:, 0].mean(axis=(0, 2)), rtol=0, atol=FLOAT64_TOL
+    )
+    np.testing.assert_allclose(
+        first_token_mass(plan, allowed=allowed), alpha.mean(), rtol=0, atol=FLOAT64_TOL
+    )
 
 
 def test_first_token_mass_grows_with_the_sink_prior():
@@ -41,48 +50,95 @@ def test_first_token_mass_grows_with_the_sink_prior():
 
 def test_queries_that_cannot_see_the_first_token_are_left_out():
     L = S = 8
-    window = mask_log_prior((position_lag(L, S) >= 0) & (position_lag(L, S) < 3))   # sliding window of 3
+    window = mask_log_prior(
+        (position_lag(L, S) >= 0) & (position_lag(L, S) < 3)
+    )  # sliding window of 3
     rng = np.random.default_rng(303)
-    plan = attention_plan(rng.normal(size=(1, L, 4)), rng.normal(size=(1, S, 4)), log_prior=window)
+    plan = attention_plan(
+        rng.normal(size=(1, L, 4)), rng.normal(size=(1, S, 4)), log_prior=window
+    )
     informative = informative_queries(np.isfinite(window), L, S)
     np.testing.assert_array_equal(informative, [False, True, True] + [False] * 5)
-    np.testing.assert_allclose(first_token_mass(plan, allowed=np.isfinite(window)), plan[0, 1:3, 0].mean(),
-                               rtol=0, atol=FLOAT64_TOL)
+    np.testing.assert_allclose(
+        first_token_mass(plan, allowed=np.isfinite(window)),
+        plan[0, 1:3, 0].mean(),
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
 
 
 def test_a_uniform_causal_head_has_mass_equal_to_the_mean_of_one_over_the_visible_keys():
     L = S = 10
-    plan = attention_plan(np.zeros((1, L, 2)), np.zeros((1, S, 2)), log_prior=causal_log_prior(L, S))
+    plan = attention_plan(
+        np.zeros((1, L, 2)), np.zeros((1, S, 2)), log_prior=causal_log_prior(L, S)
+    )
     expected = np.mean(1.0 / np.arange(2, L + 1))
-    np.testing.assert_allclose(first_token_mass(plan, allowed=np.isfinite(causal_log_prior(L, S))), expected,
-                               rtol=0, atol=FLOAT64_TOL)
+    np.testing.assert_allclose(
+        first_token_mass(plan, allowed=np.isfinite(causal_log_prior(L, S))),
+        expected,
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
 
 
 def test_sink_head_fraction_counts_heads_above_the_threshold():
     plan, allowed = _plans(304)
     alpha = first_token_mass_per_head(plan, allowed=allowed)
     for threshold in (0.1, 0.3, 0.5, 0.9):
-        np.testing.assert_allclose(sink_head_fraction(plan, threshold=threshold, allowed=allowed), np.mean(alpha > threshold),
-                                   rtol=0, atol=FLOAT64_TOL)
-    assert sink_head_fraction(plan, threshold=0.99, allowed=allowed) < sink_head_fraction(plan, threshold=0.01, allowed=allowed)
+        np.testing.assert_allclose(
+            sink_head_fraction(plan, threshold=threshold, allowed=allowed),
+            np.mean(alpha > threshold),
+            rtol=0,
+            atol=FLOAT64_TOL,
+        )
+    assert sink_head_fraction(
+        plan, threshold=0.99, allowed=allowed
+    ) < sink_head_fraction(plan, threshold=0.01, allowed=allowed)
 
 
 def test_without_a_mask_every_query_counts():
     plan, _ = _plans(305, L=3, S=7)
-    key_only = attention_plan(np.ones((2, 3, 2)), np.ones((2, 7, 2)), log_prior=key_log_prior(np.r_[2.0, np.zeros(6)]))
-    np.testing.assert_allclose(first_token_mass(key_only), np.exp(2.0) / (np.exp(2.0) + 6), rtol=0, atol=FLOAT64_TOL)
+    key_only = attention_plan(
+        np.ones((2, 3, 2)),
+        np.ones((2, 7, 2)),
+        log_prior=key_log_prior(np.r_[2.0, np.zeros(6)]),
+    )
+    np.testing.assert_allclose(
+        first_token_mass(key_only),
+        np.exp(2.0) / (np.exp(2.0) + 6),
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: first_token_mass(np.ones((3, 3)) / 3), r"plan must have shape \(\.\.\., H, L, S\) with a head axis"),
-        (lambda: first_token_mass(-np.ones((1, 3, 3))), r"plan must be finite and non-negative"),
-        (lambda: first_token_mass(np.ones((1, 3, 3)), allowed=np.ones((3, 3))), r"allowed must be a boolean mask"),
-        (lambda: first_token_mass(np.ones((1, 3, 3)), allowed=np.ones((2, 3), bool)), r"does not broadcast"),
+        (
+            lambda: first_token_mass(np.ones((3, 3)) / 3),
+            r"plan must have shape \(\.\.\., H, L, S\) with a head axis",
+        ),
+        (
+            lambda: first_token_mass(-np.ones((1, 3, 3))),
+            r"plan must be finite and non-negative",
+        ),
+        (
+            lambda: first_token_mass(np.ones((1, 3, 3)), allowed=np.ones((3, 3))),
+            r"allowed must be a boolean mask",
+        ),
+        (
+            lambda: first_token_mass(np.ones((1, 3, 3)), allowed=np.ones((2, 3), bool)),
+            r"does not broadcast",
+        ),
         (lambda: first_token_mass(np.ones((1, 3, 1))), r"no informative query"),
-        (lambda: sink_head_fraction(np.ones((1, 3, 3)), threshold=1.0), r"threshold must be a real number strictly between 0 and 1"),
-        (lambda: sink_head_fraction(np.ones((1, 3, 3)), threshold=True), r"threshold must be a real number"),
+        (
+            lambda: sink_head_fraction(np.ones((1, 3, 3)), threshold=1.0),
+            r"threshold must be a real number strictly between 0 and 1",
+        ),
+        (
+            lambda: sink_head_fraction(np.ones((1, 3, 3)), threshold=True),
+            r"threshold must be a real number",
+        ),
     ],
 )
 def test_bad_input_raises_a_precise_value_error(call, message):

@@ -40,7 +40,11 @@ def test_environment_yml_repeats_the_pyproject_pins():
     for extra in project["optional-dependencies"].values():
         wanted |= _pins(extra)
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    conda = [re.sub(r"^([^=<>]+)=([^=].*)$", r"\1==\2", d) for d in env["dependencies"] if isinstance(d, str)]
+    conda = [
+        re.sub(r"^([^=<>]+)=([^=].*)$", r"\1==\2", d)
+        for d in env["dependencies"]
+        if isinstance(d, str)
+    ]
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     have = _pins(conda) | _pins(pip)
     assert {k: have.get(k) for k in wanted} == wanted
@@ -50,4 +54,6 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make book" in readme
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r"^make test$", ci, flags=re.M), ".ci/run must call exactly `make test`"
+    assert re.search(r"^make test$", ci, flags=re.M), (
+        ".ci/run must call exactly `make test`"
+    )

@@ -17,22 +17,36 @@ torch = pytest.importorskip("torch")
 from otattn.experiments import precision  # noqa: E402
 
 LOW = ("bfloat16", "float16")
-GRID = [(dtype, L, offset) for dtype in LOW for L in (128, 640) for offset in (0, 10**6)]
+GRID = [
+    (dtype, L, offset) for dtype in LOW for L in (128, 640) for offset in (0, 10**6)
+]
 
 
 @pytest.fixture(scope="module")
 def floor():
     """Plain SDPA's error per grid point (measured 5e-3 to 8e-3 in bf16, 6e-4 to 9e-4 in fp16)."""
-    return {case: precision.kernel_error("sdpa", "spectral", case[0], case[1], offset=case[2])["out_err"] for case in GRID}
+    return {
+        case: precision.kernel_error(
+            "sdpa", "spectral", case[0], case[1], offset=case[2]
+        )["out_err"]
+        for case in GRID
+    }
 
 
 @pytest.mark.parametrize("dtype, L, offset", GRID)
-@pytest.mark.parametrize("method, setting", [("goat", "spectral"), ("goat", "recency"), ("goat_split", "large")])
+@pytest.mark.parametrize(
+    "method, setting",
+    [("goat", "spectral"), ("goat", "recency"), ("goat_split", "large")],
+)
 def test_goat_error_within_twice_plain_sdpa(floor, method, setting, dtype, L, offset):
     """The default layout (sink lane in 3 channels) for moderate priors, the split relative lanes for large ones."""
     err = precision.kernel_error(method, setting, dtype, L, offset=offset)
-    assert err["out_err"] <= 2 * floor[dtype, L, offset], err  # measured ratios 0.8 - 1.7
-    assert err["grad_rel"] < 2e-2 if dtype == "bfloat16" else err["grad_rel"] < 3e-3, err
+    assert err["out_err"] <= 2 * floor[dtype, L, offset], (
+        err
+    )  # measured ratios 0.8 - 1.7
+    assert err["grad_rel"] < 2e-2 if dtype == "bfloat16" else err["grad_rel"] < 3e-3, (
+        err
+    )
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -55,7 +69,10 @@ def test_float32_keeps_its_accuracy(setting):
     """float32: the split sink lane costs nothing (measured ~1e-6 to 1e-5, as with one channel)."""
     three = precision.kernel_error("goat", setting, "float32", 640)
     one = precision.kernel_error("goat_1part", setting, "float32", 640)
-    assert three["out_err"] < 3e-5 and three["out_err"] < 3 * one["out_err"], (three, one)
+    assert three["out_err"] < 3e-5 and three["out_err"] < 3 * one["out_err"], (
+        three,
+        one,
+    )
 
 
 def test_our_layer_beats_the_authors_layer_in_bf16():
@@ -67,12 +84,30 @@ def test_our_layer_beats_the_authors_layer_in_bf16():
 
 def test_precision_cli_writes_a_csv(tmp_path):
     out = tmp_path / "p.csv"
-    args = ["precision", "--lengths", "32", "--offsets", "0", "--dtypes", "bfloat16", "--out", str(out)]
-    subprocess.run([sys.executable, "-m", "otattn", *args], check=True, capture_output=True, text=True)
+    args = [
+        "precision",
+        "--lengths",
+        "32",
+        "--offsets",
+        "0",
+        "--dtypes",
+        "bfloat16",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "otattn", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     rows = precision.read_csv(out)
     assert {(r["method"], r["setting"]) for r in rows} == {("sdpa", "")} | {
-        (m, s) for m in precision.METHODS if m != "sdpa" for s in precision.SETTINGS}
-    assert all(r["dtype"] == "bfloat16" and r["L"] == 32 and r["out_err"] > 0 for r in rows)
+        (m, s) for m in precision.METHODS if m != "sdpa" for s in precision.SETTINGS
+    }
+    assert all(
+        r["dtype"] == "bfloat16" and r["L"] == 32 and r["out_err"] > 0 for r in rows
+    )
     assert out.read_text().startswith("# command: python -m otattn " + " ".join(args))
 
 

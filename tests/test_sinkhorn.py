@@ -102,7 +102,9 @@ def test_plan_is_gibbs_form_of_potentials_and_primal_equals_dual(L, S, eps):
     f, g, plan = result.f, result.g, result.plan
     gibbs = np.exp((f[..., :, None] + g[..., None, :] - cost) / eps)
     np.testing.assert_allclose(plan, gibbs, rtol=0, atol=FLOAT64_ATOL)
-    primal = np.einsum("...ij,...ij->...", plan, cost) - eps * entropy(plan).sum(axis=-1)
+    primal = np.einsum("...ij,...ij->...", plan, cost) - eps * entropy(plan).sum(
+        axis=-1
+    )
     # Dual objective at (f, g) with unit mass: <f, a> + <g, b> - eps sum(P) + eps.
     dual = (
         np.einsum("...i,...i->...", f, a)
@@ -120,7 +122,9 @@ def _pot_plans(cost, a, b, eps, solver):
     plans = np.empty_like(cost)
     for index in np.ndindex(cost.shape[:-2]):
         M = cost[index]
-        plans[index] = solver(a[index], b[index], M, eps, numItermax=MAX_ITER, stopThr=1e-14)
+        plans[index] = solver(
+            a[index], b[index], M, eps, numItermax=MAX_ITER, stopThr=1e-14
+        )
     return plans
 
 
@@ -139,7 +143,9 @@ def test_plan_equals_pot_sinkhorn_plan(L, S, batch, eps, solver):
         # and say so; the plan it returns is then converged to rounding, which we check.
         warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
         expected = _pot_plans(cost, a, b, eps, solver)
-    np.testing.assert_allclose(_converged(cost, a, b, eps).plan, expected, rtol=0, atol=POT_ATOL)
+    np.testing.assert_allclose(
+        _converged(cost, a, b, eps).plan, expected, rtol=0, atol=POT_ATOL
+    )
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
@@ -152,25 +158,33 @@ def test_first_row_update_is_one_sided_plan(L, S, batch, eps):
     with warnings.catch_warnings():  # one row update rarely balances the columns
         warnings.simplefilter("ignore", SinkhornConvergenceWarning)
         first = sinkhorn(cost, a, b, eps=eps, max_iter=1)
-        uniform = sinkhorn(cost, np.full(L, 1 / L), np.full(S, 1 / S), eps=eps, max_iter=1)
+        uniform = sinkhorn(
+            cost, np.full(L, 1 / L), np.full(S, 1 / S), eps=eps, max_iter=1
+        )
     assert first.n_iter == uniform.n_iter == 1
     np.testing.assert_array_equal(first.g, 0.0)
     softmax = one_sided_plan(cost, eps=eps)
-    np.testing.assert_allclose(first.plan, a[..., None] * softmax, rtol=0, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(
+        first.plan, a[..., None] * softmax, rtol=0, atol=FLOAT64_ATOL
+    )
     np.testing.assert_allclose(L * uniform.plan, softmax, rtol=0, atol=FLOAT64_ATOL)
 
 
 @pytest.mark.parametrize("max_iter", [2, 5, MAX_ITER])
 @pytest.mark.parametrize("eps", EPSILONS)
 @pytest.mark.parametrize("L, S", SHAPES)
-def test_every_row_update_is_one_sided_plan_with_key_log_prior_g_over_eps(L, S, eps, max_iter):
+def test_every_row_update_is_one_sided_plan_with_key_log_prior_g_over_eps(
+    L, S, eps, max_iter
+):
     rng = np.random.default_rng(4)
     cost = _cost(rng, (2,), L, S)
     a, b = _marginals(rng, (2,), L, S)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SinkhornConvergenceWarning)
         result = sinkhorn(cost, a, b, eps=eps, max_iter=max_iter, tol=SINKHORN_TOL)
-    expected = a[..., None] * one_sided_plan(cost, eps=eps, log_prior=result.g[..., None, :] / eps)
+    expected = a[..., None] * one_sided_plan(
+        cost, eps=eps, log_prior=result.g[..., None, :] / eps
+    )
     np.testing.assert_allclose(result.plan, expected, rtol=0, atol=FLOAT64_ATOL)
 
 
@@ -180,21 +194,31 @@ def test_uniform_marginals_give_rows_one_and_columns_L_over_S(L, S, eps):
     cost = _cost(np.random.default_rng(5), (3,), L, S)
     attention = L * _converged(cost, np.full(L, 1 / L), np.full(S, 1 / S), eps).plan
     np.testing.assert_allclose(attention.sum(axis=-1), 1.0, rtol=0, atol=L * ROW_ATOL)
-    np.testing.assert_allclose(attention.sum(axis=-2), L / S, rtol=0, atol=L * SINKHORN_TOL)
+    np.testing.assert_allclose(
+        attention.sum(axis=-2), L / S, rtol=0, atol=L * SINKHORN_TOL
+    )
 
 
 @pytest.mark.parametrize("eps", EPSILONS)
 @pytest.mark.parametrize("n", [1, 2, 6, 10])
 def test_uniform_marginals_with_L_equal_S_are_doubly_stochastic_like_pot(n, eps):
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((n, 8))  # self-attention: queries and keys from the same tokens
-    w_q, w_k = rng.standard_normal((2, 8, 8)) / np.sqrt(8)  # unit-scale queries and keys
+    x = rng.standard_normal(
+        (n, 8)
+    )  # self-attention: queries and keys from the same tokens
+    w_q, w_k = rng.standard_normal((2, 8, 8)) / np.sqrt(
+        8
+    )  # unit-scale queries and keys
     cost = -np.einsum("id,jd->ij", x @ w_q, x @ w_k) / np.sqrt(8)
     uniform = np.full(n, 1 / n)
     attention = n * _converged(cost, uniform, uniform, eps).plan
-    np.testing.assert_allclose(attention.sum(axis=0), 1.0, rtol=0, atol=n * SINKHORN_TOL)
+    np.testing.assert_allclose(
+        attention.sum(axis=0), 1.0, rtol=0, atol=n * SINKHORN_TOL
+    )
     np.testing.assert_allclose(attention.sum(axis=1), 1.0, rtol=0, atol=n * ROW_ATOL)
-    pot = n * ot.sinkhorn(uniform, uniform, cost, eps, numItermax=MAX_ITER, stopThr=1e-13)
+    pot = n * ot.sinkhorn(
+        uniform, uniform, cost, eps, numItermax=MAX_ITER, stopThr=1e-13
+    )
     np.testing.assert_allclose(attention, pot, rtol=0, atol=n * POT_ATOL)
 
 
@@ -227,15 +251,23 @@ def test_large_costs_and_tiny_eps_give_a_finite_plan(batch):
     big = cost + u + v
     a, b = np.full(L, 1 / L), np.full(S, 1 / S)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no overflow, no division by zero, no convergence warning
+        warnings.simplefilter(
+            "error"
+        )  # no overflow, no division by zero, no convergence warning
         result = sinkhorn(big, a, b, eps=eps, max_iter=MAX_ITER, tol=LARGE_COST_TOL)
         reference = sinkhorn(cost, a, b, eps=eps, max_iter=MAX_ITER, tol=LARGE_COST_TOL)
     assert np.abs(big).max() > 5e3
     for array in (result.plan, result.f, result.g):
         assert np.isfinite(array).all()
-    np.testing.assert_allclose(result.plan.sum(axis=-1), 1 / L, rtol=0, atol=LARGE_COST_ATOL)
-    np.testing.assert_allclose(result.plan.sum(axis=-2), 1 / S, rtol=0, atol=LARGE_COST_TOL)
-    np.testing.assert_allclose(result.plan, reference.plan, rtol=0, atol=LARGE_COST_ATOL)
+    np.testing.assert_allclose(
+        result.plan.sum(axis=-1), 1 / L, rtol=0, atol=LARGE_COST_ATOL
+    )
+    np.testing.assert_allclose(
+        result.plan.sum(axis=-2), 1 / S, rtol=0, atol=LARGE_COST_TOL
+    )
+    np.testing.assert_allclose(
+        result.plan, reference.plan, rtol=0, atol=LARGE_COST_ATOL
+    )
 
 
 def test_huge_cost_over_eps_stays_finite_even_when_it_cannot_converge():
@@ -245,14 +277,18 @@ def test_huge_cost_over_eps_stays_finite_even_when_it_cannot_converge():
     with pytest.warns(SinkhornConvergenceWarning):
         result = sinkhorn(cost, a, b, eps=1e-3, max_iter=50)
     assert np.isfinite(result.plan).all() and np.isfinite(result.marginal_errors).all()
-    np.testing.assert_allclose(result.plan.sum(axis=-1), a, rtol=0, atol=LARGE_COST_ATOL)
+    np.testing.assert_allclose(
+        result.plan.sum(axis=-1), a, rtol=0, atol=LARGE_COST_ATOL
+    )
 
 
 def test_too_few_iterations_warn_and_report_unconverged():
     rng = np.random.default_rng(10)
     cost = _cost(rng, (), 5, 7)
     a, b = _marginals(rng, (), 5, 7)
-    with pytest.warns(SinkhornConvergenceWarning, match=r"max_iter=3 with column marginal error"):
+    with pytest.warns(
+        SinkhornConvergenceWarning, match=r"max_iter=3 with column marginal error"
+    ):
         result = sinkhorn(cost, a, b, eps=0.1, max_iter=3)
     assert not result.converged and result.n_iter == 3
     assert result.marginal_errors.shape == (3,) and result.marginal_errors[-1] > 1e-9
@@ -295,7 +331,9 @@ def test_batch_equals_each_slice_and_marginals_broadcast():
     batched = _converged(cost, a, b, eps)
     for i, j in np.ndindex(2, 3):
         alone = _converged(cost[i, j], a, b[j], eps)
-        np.testing.assert_allclose(batched.plan[i, j], alone.plan, rtol=0, atol=CONVERGED_ATOL)
+        np.testing.assert_allclose(
+            batched.plan[i, j], alone.plan, rtol=0, atol=CONVERGED_ATOL
+        )
 
 
 COST = np.zeros((3, 4))
@@ -305,8 +343,16 @@ A, B = np.full(3, 1 / 3), np.full(4, 1 / 4)
 @pytest.mark.parametrize(
     "a, b, match",
     [
-        (np.full(4, 1 / 4), B, r"a of shape \(4,\) does not match the cost: expected \(3,\)"),
-        (A, np.full(3, 1 / 3), r"b of shape \(3,\) does not match the cost: expected \(4,\)"),
+        (
+            np.full(4, 1 / 4),
+            B,
+            r"a of shape \(4,\) does not match the cost: expected \(3,\)",
+        ),
+        (
+            A,
+            np.full(3, 1 / 3),
+            r"b of shape \(3,\) does not match the cost: expected \(4,\)",
+        ),
         (np.full((2, 3), 1 / 3), B, r"a of shape \(2, 3\) does not match the cost"),
         (np.float64(1.0), B, r"a of shape \(\) does not match"),
         (np.array([0.5, -0.1, 0.6]), B, r"a must be non-negative, got -0\.1"),
@@ -317,8 +363,19 @@ A, B = np.full(3, 1 / 3), np.full(4, 1 / 4)
         (A.astype(complex), B, r"a must hold real numbers, got dtype complex128"),
         (A, np.ones(4, dtype=bool), r"b must hold real numbers, got dtype bool"),
     ],
-    ids=["a-length", "b-length", "a-batch", "a-scalar", "negative", "nan", "inf", "unequal-mass",
-         "zero-mass", "complex", "bool"],
+    ids=[
+        "a-length",
+        "b-length",
+        "a-batch",
+        "a-scalar",
+        "negative",
+        "nan",
+        "inf",
+        "unequal-mass",
+        "zero-mass",
+        "complex",
+        "bool",
+    ],
 )
 def test_bad_marginals_raise(a, b, match):
     with pytest.raises(ValueError, match=match):
@@ -343,7 +400,10 @@ def test_bad_eps_raises(eps, match):
 @pytest.mark.parametrize(
     "cost, match",
     [
-        (np.where(np.eye(3, 4, k=1) > 0, np.nan, 0.0), r"cost contains NaN at \[0, 1\]"),
+        (
+            np.where(np.eye(3, 4, k=1) > 0, np.nan, 0.0),
+            r"cost contains NaN at \[0, 1\]",
+        ),
         (np.where(np.eye(3, 4) > 0, np.inf, 0.0), r"cost contains an infinite entry"),
         (np.zeros(4), r"cost must have shape \(\.\.\., L, S\), got \(4,\)"),
     ],

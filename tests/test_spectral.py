@@ -40,10 +40,19 @@ OFFSETS = [0, 10**3, 10**6]
 def _params(seed: int, R: int, n_axes: int = 1, sink: bool = True) -> GoatParams:
     rng = np.random.default_rng(seed)
     shape = (R,) if n_axes == 1 else (n_axes, R)
-    sink_params = SinkParams(
-        w_in=rng.normal(size=(3, 5)), b_in=rng.normal(size=3), w_out=rng.normal(size=3), slope=0.1
-    ) if sink else None
-    return GoatParams(alpha=rng.normal(size=shape), beta=rng.normal(size=shape), sink=sink_params)
+    sink_params = (
+        SinkParams(
+            w_in=rng.normal(size=(3, 5)),
+            b_in=rng.normal(size=3),
+            w_out=rng.normal(size=3),
+            slope=0.1,
+        )
+        if sink
+        else None
+    )
+    return GoatParams(
+        alpha=rng.normal(size=shape), beta=rng.normal(size=shape), sink=sink_params
+    )
 
 
 def _kappa_of_lag(params: GoatParams, lag: np.ndarray) -> np.ndarray:
@@ -52,12 +61,16 @@ def _kappa_of_lag(params: GoatParams, lag: np.ndarray) -> np.ndarray:
     omega = goat_frequencies(alpha.shape[1], base=params.base)
     lag = lag.reshape(lag.shape[:2] + (-1,)).astype(np.float64)  # (L, S, A)
     phase = np.einsum("ija,r->ijar", lag, omega)
-    return np.einsum("ar,ijar->ij", alpha, np.cos(phase)) + np.einsum("ar,ijar->ij", beta, np.sin(phase))
+    return np.einsum("ar,ijar->ij", alpha, np.cos(phase)) + np.einsum(
+        "ar,ijar->ij", beta, np.sin(phase)
+    )
 
 
 def test_goat_frequencies_are_geometric_from_one_to_one_over_base():
     omega = goat_frequencies(5, base=10_000.0)
-    np.testing.assert_allclose(omega, 10_000.0 ** (-np.arange(5) / 4), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(
+        omega, 10_000.0 ** (-np.arange(5) / 4), rtol=1e-15, atol=0
+    )
     np.testing.assert_allclose(omega[[0, -1]], [1.0, 1e-4], rtol=1e-15, atol=0)
     np.testing.assert_allclose(goat_frequencies(1), [1.0], rtol=0, atol=0)
 
@@ -71,8 +84,12 @@ def test_lane_dot_products_equal_the_relative_prior_of_the_lag_1d(L, S, R, offse
     lanes = goat_lanes(params, L, S, key_pos=key_pos)
     assert lanes.query.shape == (L, 2 * R + 1) and lanes.key.shape == (S, 2 * R + 1)
     expected = _kappa_of_lag(params, position_lag(L, S, key_pos=key_pos))
-    np.testing.assert_allclose(np.einsum("ic,jc->ij", lanes.query, lanes.key), expected, rtol=0, atol=LANE_TOL)
-    np.testing.assert_allclose(goat_log_prior(params, L, S, key_pos=key_pos), expected, rtol=0, atol=LANE_TOL)
+    np.testing.assert_allclose(
+        np.einsum("ic,jc->ij", lanes.query, lanes.key), expected, rtol=0, atol=LANE_TOL
+    )
+    np.testing.assert_allclose(
+        goat_log_prior(params, L, S, key_pos=key_pos), expected, rtol=0, atol=LANE_TOL
+    )
 
 
 @pytest.mark.parametrize("R", RANKS)
@@ -84,7 +101,9 @@ def test_lane_dot_products_equal_the_relative_prior_of_the_lag_2d(R, offset):
     lanes = relative_lanes(params.alpha, params.beta, query_pos, key_pos)
     assert lanes.query.shape == (6, 4 * R) and lanes.key.shape == (12, 4 * R)
     expected = _kappa_of_lag(params, query_pos[:, None, :] - key_pos[None, :, :])
-    np.testing.assert_allclose(np.einsum("ic,jc->ij", lanes.query, lanes.key), expected, rtol=0, atol=LANE_TOL)
+    np.testing.assert_allclose(
+        np.einsum("ic,jc->ij", lanes.query, lanes.key), expected, rtol=0, atol=LANE_TOL
+    )
     full = goat_log_prior(params, 6, 12, query_pos=query_pos, key_pos=key_pos)
     np.testing.assert_allclose(full, expected, rtol=0, atol=LANE_TOL)
 
@@ -93,19 +112,46 @@ def test_grid_prior_is_the_sum_of_a_row_prior_and_a_column_prior():
     params = _params(seed=3, R=4, n_axes=2, sink=False)
     pos = grid_positions(3, 5)
     grid = goat_log_prior(params, 15, 15, query_pos=pos, key_pos=pos)
-    rows = goat_log_prior(GoatParams(params.alpha[0], params.beta[0]), 15, 15, query_pos=pos[:, 0], key_pos=pos[:, 0])
-    cols = goat_log_prior(GoatParams(params.alpha[1], params.beta[1]), 15, 15, query_pos=pos[:, 1], key_pos=pos[:, 1])
+    rows = goat_log_prior(
+        GoatParams(params.alpha[0], params.beta[0]),
+        15,
+        15,
+        query_pos=pos[:, 0],
+        key_pos=pos[:, 0],
+    )
+    cols = goat_log_prior(
+        GoatParams(params.alpha[1], params.beta[1]),
+        15,
+        15,
+        query_pos=pos[:, 1],
+        key_pos=pos[:, 1],
+    )
     np.testing.assert_allclose(grid, rows + cols, rtol=0, atol=LANE_TOL)
 
 
 def test_class_token_has_zero_relative_prior_with_every_token():
     params = _params(seed=4, R=3, n_axes=2, sink=False)
-    pos = np.concatenate([[[0, 0]], grid_positions(2, 3)])  # the class token's position is ignored
+    pos = np.concatenate(
+        [[[0, 0]], grid_positions(2, 3)]
+    )  # the class token's position is ignored
     flags = np.arange(7) > 0
-    K = goat_log_prior(params, 7, 7, query_pos=pos, key_pos=pos, query_has_position=flags, key_has_position=flags)
+    K = goat_log_prior(
+        params,
+        7,
+        7,
+        query_pos=pos,
+        key_pos=pos,
+        query_has_position=flags,
+        key_has_position=flags,
+    )
     np.testing.assert_array_equal(K[0], 0.0)
     np.testing.assert_array_equal(K[:, 0], 0.0)
-    np.testing.assert_allclose(K[1:, 1:], goat_log_prior(params, 6, 6, query_pos=pos[1:], key_pos=pos[1:]), rtol=0, atol=LANE_TOL)
+    np.testing.assert_allclose(
+        K[1:, 1:],
+        goat_log_prior(params, 6, 6, query_pos=pos[1:], key_pos=pos[1:]),
+        rtol=0,
+        atol=LANE_TOL,
+    )
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
@@ -116,13 +162,21 @@ def test_phase_lanes_are_exact_at_large_offsets_while_rounded_phases_are_not(off
     # cos(w (p0 + d)) by angle addition from the exact phase of p0 (one value) and small d.
     c0, s0 = np.split(phase_lanes([offset], omega), 2, axis=1)
     d = np.arange(16)[:, None] * omega
-    expected = np.concatenate([c0 * np.cos(d) - s0 * np.sin(d), s0 * np.cos(d) + c0 * np.sin(d)], axis=1)
+    expected = np.concatenate(
+        [c0 * np.cos(d) - s0 * np.sin(d), s0 * np.cos(d) + c0 * np.sin(d)], axis=1
+    )
     np.testing.assert_allclose(lanes, expected, rtol=0, atol=LANE_TOL)
-    if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:  # extended precision available
+    if (
+        np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
+    ):  # extended precision available
         phase = pos[:, None].astype(np.longdouble) * omega.astype(np.longdouble)
-        exact = np.concatenate([np.cos(phase), np.sin(phase)], axis=1).astype(np.float64)
+        exact = np.concatenate([np.cos(phase), np.sin(phase)], axis=1).astype(
+            np.float64
+        )
         np.testing.assert_allclose(lanes, exact, rtol=0, atol=LANE_TOL)
-    rounded = np.concatenate([np.cos(pos[:, None] * omega), np.sin(pos[:, None] * omega)], axis=1)
+    rounded = np.concatenate(
+        [np.cos(pos[:, None] * omega), np.sin(pos[:, None] * omega)], axis=1
+    )
     assert np.abs(rounded - lanes).max() <= 2 * (offset + 16) * UNIT_ROUNDOFF + LANE_TOL
 
 
@@ -132,12 +186,18 @@ def test_sink_lane_adds_u_of_the_key_to_every_row(L, S):
     with_sink = goat_log_prior(params, L, S)
     without = goat_log_prior(GoatParams(params.alpha, params.beta), L, S)
     u = sink_term(params.sink, np.arange(S), length=S)
-    np.testing.assert_allclose(with_sink - without, np.broadcast_to(u, (L, S)), rtol=0, atol=LANE_TOL)
+    np.testing.assert_allclose(
+        with_sink - without, np.broadcast_to(u, (L, S)), rtol=0, atol=LANE_TOL
+    )
 
 
 def test_sink_linear_term_is_slope_times_position():
-    sink = SinkParams(w_in=np.zeros((2, 3)), b_in=np.zeros(2), w_out=np.ones(2), slope=0.25)
-    np.testing.assert_allclose(sink_term(sink, np.arange(6), length=6), 0.25 * np.arange(6), rtol=0, atol=0)
+    sink = SinkParams(
+        w_in=np.zeros((2, 3)), b_in=np.zeros(2), w_out=np.ones(2), slope=0.25
+    )
+    np.testing.assert_allclose(
+        sink_term(sink, np.arange(6), length=6), 0.25 * np.arange(6), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -145,7 +205,14 @@ def test_sink_linear_term_is_slope_times_position():
 def test_fused_query_key_scores_are_content_scores_plus_unscaled_prior(L, S, n_axes):
     rng = np.random.default_rng(6)
     params, D = _params(seed=6, R=3, n_axes=n_axes), 24
-    positions = {} if n_axes == 1 else {"query_pos": rng.integers(0, 9, (L, 2)), "key_pos": rng.integers(0, 9, (S, 2))}
+    positions = (
+        {}
+        if n_axes == 1
+        else {
+            "query_pos": rng.integers(0, 9, (L, 2)),
+            "key_pos": rng.integers(0, 9, (S, 2)),
+        }
+    )
     lanes = goat_lanes(params, L, S, **positions)
     C = lanes.query.shape[1]
     q, k = rng.normal(size=(2, 3, L, D)), rng.normal(size=(2, 3, S, D))
@@ -153,9 +220,19 @@ def test_fused_query_key_scores_are_content_scores_plus_unscaled_prior(L, S, n_a
     assert fused.query.shape == q.shape and fused.key.shape == k.shape
     content = attention_scores(q[..., : D - C], k[..., : D - C])  # scale 1/sqrt(d_c)
     expected = content + goat_log_prior(params, L, S, **positions)
-    np.testing.assert_allclose(attention_scores(fused.query, fused.key, scale=1.0), expected, rtol=0, atol=LANE_TOL)
+    np.testing.assert_allclose(
+        attention_scores(fused.query, fused.key, scale=1.0),
+        expected,
+        rtol=0,
+        atol=LANE_TOL,
+    )
     # A kernel with its default scale 1/sqrt(D) gets the same scores from sqrt(D) * q'.
-    np.testing.assert_allclose(attention_scores(np.sqrt(D) * fused.query, fused.key), expected, rtol=0, atol=LANE_TOL)
+    np.testing.assert_allclose(
+        attention_scores(np.sqrt(D) * fused.query, fused.key),
+        expected,
+        rtol=0,
+        atol=LANE_TOL,
+    )
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -185,12 +262,20 @@ def test_wrong_shapes_and_positions_raise():
     with pytest.raises(ValueError, match="integer positions"):
         relative_lanes(np.ones(3), np.ones(3), np.arange(2.0), np.arange(2))
     with pytest.raises(ValueError, match=r"shape \(N,\) for sequences or \(N, 2\)"):
-        relative_lanes(np.ones((2, 3)), np.ones((2, 3)), np.arange(4), grid_positions(2, 2))
+        relative_lanes(
+            np.ones((2, 3)), np.ones((2, 3)), np.arange(4), grid_positions(2, 2)
+        )
     with pytest.raises(ValueError, match="2\\*\\*53"):
         phase_lanes([2**60], [1.0])
     with pytest.raises(ValueError, match="expected L=3"):
         goat_lanes(_params(seed=8, R=2), 3, 5, query_pos=np.arange(4))
     with pytest.raises(ValueError, match="sink weights must be"):
-        sink_term(SinkParams(np.zeros((2, 4)), np.zeros(2), np.zeros(2)), np.arange(3), length=3)
+        sink_term(
+            SinkParams(np.zeros((2, 4)), np.zeros(2), np.zeros(2)),
+            np.arange(3),
+            length=3,
+        )
     with pytest.raises(ValueError, match="q and k must have shapes"):
-        fused_query_key(np.zeros((3, 16)), np.zeros((3, 12)), goat_lanes(_params(seed=9, R=1), 3, 3))
+        fused_query_key(
+            np.zeros((3, 16)), np.zeros((3, 12)), goat_lanes(_params(seed=9, R=1), 3, 3)
+        )

@@ -23,7 +23,9 @@ def _unknown(chosen, allowed, what: str) -> bool:
     """Print an error and return True if ``chosen`` has names outside ``allowed``."""
     bad = sorted(set(chosen) - set(allowed))
     if bad:
-        print(f"unknown {what} {bad}; choose from {', '.join(allowed)}", file=sys.stderr)
+        print(
+            f"unknown {what} {bad}; choose from {', '.join(allowed)}", file=sys.stderr
+        )
     return bool(bad)
 
 
@@ -33,22 +35,37 @@ def _bench(args: argparse.Namespace) -> int:
     from otattn.experiments import bench
 
     cuda = torch.cuda.is_available() and not args.cpu
-    cfg = bench.BenchConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
+    cfg = bench.BenchConfig(
+        device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32"
+    )
     if args.quick:
         lengths = args.lengths or QUICK_LENGTHS
         repeats = args.repeats or 2
-        methods = args.methods or [m for m in bench.METHODS if m != "flex"]  # flex compiles for ~10 s a shape
+        methods = args.methods or [
+            m for m in bench.METHODS if m != "flex"
+        ]  # flex compiles for ~10 s a shape
         args.no_memory = True  # a fresh process per case costs seconds
     else:
-        lengths, repeats, methods = args.lengths or DEFAULT_LENGTHS, args.repeats or 7, args.methods or bench.METHODS
+        lengths, repeats, methods = (
+            args.lengths or DEFAULT_LENGTHS,
+            args.repeats or 7,
+            args.methods or bench.METHODS,
+        )
     if _unknown(methods, bench.METHODS, "methods"):
         return 2
     log = _log
-    log(f"otattn bench: L in {list(lengths)}, up to {repeats} repeats, methods {', '.join(methods)}, "
-        f"{cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads")
+    log(
+        f"otattn bench: L in {list(lengths)}, up to {repeats} repeats, methods {', '.join(methods)}, "
+        f"{cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads"
+    )
     rows, meta = bench.run_benchmark(
-        lengths, methods=methods, repeats=repeats, memory=not args.no_memory, cfg=cfg,
-        max_bytes=args.max_gib * 2**30, log=log,
+        lengths,
+        methods=methods,
+        repeats=repeats,
+        memory=not args.no_memory,
+        cfg=cfg,
+        max_bytes=args.max_gib * 2**30,
+        log=log,
     )
     meta = {"command": "python -m otattn " + " ".join(args.argv), **meta}
     bench.write_csv(args.out, rows, meta)
@@ -66,62 +83,136 @@ def _precision(args: argparse.Namespace) -> int:
 
     from otattn.experiments import bench, precision
 
-    lengths = args.lengths or (PRECISION_QUICK_LENGTHS if args.quick else PRECISION_LENGTHS)
+    lengths = args.lengths or (
+        PRECISION_QUICK_LENGTHS if args.quick else PRECISION_LENGTHS
+    )
     offsets = args.offsets or ((0,) if args.quick else (0, 10**6))
     dtypes = args.dtypes or precision.DTYPES
     if _unknown(dtypes, precision.DTYPES, "dtypes"):
         return 2
     log = _log
-    log(f"otattn precision: L in {list(lengths)}, offsets {list(offsets)}, {', '.join(dtypes)}, "
-        f"{torch.get_num_threads()} threads")
+    log(
+        f"otattn precision: L in {list(lengths)}, offsets {list(offsets)}, {', '.join(dtypes)}, "
+        f"{torch.get_num_threads()} threads"
+    )
     meta = bench.machine_description(bench.BenchConfig(dtype="float64"))
-    rows = precision.run_grid(lengths, dtypes=dtypes, offsets=offsets, block=args.block, log=log)
-    meta = {"command": "python -m otattn " + " ".join(args.argv), **meta,
-            "shapes": str(precision.PrecisionConfig()), "block": str(args.block),
-            "worst_goat_ratio_to_sdpa": f"{precision.worst_ratio(rows):.3f}"}
+    rows = precision.run_grid(
+        lengths, dtypes=dtypes, offsets=offsets, block=args.block, log=log
+    )
+    meta = {
+        "command": "python -m otattn " + " ".join(args.argv),
+        **meta,
+        "shapes": str(precision.PrecisionConfig()),
+        "block": str(args.block),
+        "worst_goat_ratio_to_sdpa": f"{precision.worst_ratio(rows):.3f}",
+    }
     precision.write_csv(args.out, rows, meta)
-    log(f"wrote {args.out}; worst goat / sdpa error ratio in bf16/fp16: {meta['worst_goat_ratio_to_sdpa']}")
+    log(
+        f"wrote {args.out}; worst goat / sdpa error ratio in bf16/fp16: {meta['worst_goat_ratio_to_sdpa']}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m otattn", description="otattn: attention as entropic optimal transport.")
+    parser = argparse.ArgumentParser(
+        prog="python -m otattn",
+        description="otattn: attention as entropic optimal transport.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     bench = commands.add_parser(
-        "bench", help="time and measure the memory of GOAT attention against plain SDPA and the alternatives",
+        "bench",
+        help="time and measure the memory of GOAT attention against plain SDPA and the alternatives",
         description="Speed (forward, forward+backward) and peak memory of GOAT attention against plain SDPA, "
-                    "a materialised log-prior, an eager softmax, FlexAttention and the authors' package; "
-                    "writes a CSV (with the machine description) and a .json sidecar.",
+        "a materialised log-prior, an eager softmax, FlexAttention and the authors' package; "
+        "writes a CSV (with the machine description) and a .json sidecar.",
     )
-    bench.add_argument("--lengths", type=int, nargs="+", metavar="L",
-                       help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))}; --quick: "
-                            f"{' '.join(map(str, QUICK_LENGTHS))})")
-    bench.add_argument("--repeats", type=int, metavar="N",
-                       help="timed repeats per case at L <= 2048, fewer (at least 3) above (default 7; --quick: 2)")
-    bench.add_argument("--out", default="bench.csv", metavar="FILE", help="CSV to write (default bench.csv)")
-    bench.add_argument("--quick", action="store_true", help="tiny lengths, 2 repeats, no FlexAttention, no memory: a few seconds")
-    bench.add_argument("--methods", nargs="+", metavar="M", help="subset of the methods (default: all)")
-    bench.add_argument("--max-gib", type=float, default=12.0,
-                       help="skip a materialised (L x L) case estimated to need more (default 12)")
-    bench.add_argument("--no-memory", action="store_true", help="time only; skip the peak-memory processes")
-    bench.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is present")
+    bench.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))}; --quick: "
+        f"{' '.join(map(str, QUICK_LENGTHS))})",
+    )
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        help="timed repeats per case at L <= 2048, fewer (at least 3) above (default 7; --quick: 2)",
+    )
+    bench.add_argument(
+        "--out",
+        default="bench.csv",
+        metavar="FILE",
+        help="CSV to write (default bench.csv)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny lengths, 2 repeats, no FlexAttention, no memory: a few seconds",
+    )
+    bench.add_argument(
+        "--methods", nargs="+", metavar="M", help="subset of the methods (default: all)"
+    )
+    bench.add_argument(
+        "--max-gib",
+        type=float,
+        default=12.0,
+        help="skip a materialised (L x L) case estimated to need more (default 12)",
+    )
+    bench.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="time only; skip the peak-memory processes",
+    )
+    bench.add_argument(
+        "--cpu", action="store_true", help="run on CPU even when CUDA is present"
+    )
     bench.set_defaults(func=_bench)
     prec = commands.add_parser(
-        "precision", help="error of GOAT attention in float32/bfloat16/float16 against float64, next to plain SDPA",
+        "precision",
+        help="error of GOAT attention in float32/bfloat16/float16 against float64, next to plain SDPA",
         description="Max output and gradient error of plain SDPA and of GOAT attention (sink lane in 3 channels, "
-                    "and in 1 as before) in each dtype against float64 on the same rounded inputs, for three prior "
-                    "settings, per length and absolute position offset; writes a CSV.",
+        "and in 1 as before) in each dtype against float64 on the same rounded inputs, for three prior "
+        "settings, per length and absolute position offset; writes a CSV.",
     )
-    prec.add_argument("--lengths", type=int, nargs="+", metavar="L",
-                      help=f"sequence lengths (default {' '.join(map(str, PRECISION_LENGTHS))}; --quick: "
-                           f"{' '.join(map(str, PRECISION_QUICK_LENGTHS))})")
-    prec.add_argument("--offsets", type=int, nargs="+", metavar="P", help="absolute position offsets (default 0 1000000)")
-    prec.add_argument("--dtypes", nargs="+", metavar="DTYPE", help="subset of float32 bfloat16 float16 (default all)")
-    prec.add_argument("--block", type=int, default=256,
-                      help="above 2*block tokens, measure 3 blocks of this many query rows (default 256)")
-    prec.add_argument("--out", default="precision.csv", metavar="FILE", help="CSV to write (default precision.csv)")
-    prec.add_argument("--quick", action="store_true", help="L = 128, offset 0: a few seconds")
+    prec.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help=f"sequence lengths (default {' '.join(map(str, PRECISION_LENGTHS))}; --quick: "
+        f"{' '.join(map(str, PRECISION_QUICK_LENGTHS))})",
+    )
+    prec.add_argument(
+        "--offsets",
+        type=int,
+        nargs="+",
+        metavar="P",
+        help="absolute position offsets (default 0 1000000)",
+    )
+    prec.add_argument(
+        "--dtypes",
+        nargs="+",
+        metavar="DTYPE",
+        help="subset of float32 bfloat16 float16 (default all)",
+    )
+    prec.add_argument(
+        "--block",
+        type=int,
+        default=256,
+        help="above 2*block tokens, measure 3 blocks of this many query rows (default 256)",
+    )
+    prec.add_argument(
+        "--out",
+        default="precision.csv",
+        metavar="FILE",
+        help="CSV to write (default precision.csv)",
+    )
+    prec.add_argument(
+        "--quick", action="store_true", help="L = 128, offset 0: a few seconds"
+    )
     prec.set_defaults(func=_precision)
     args = parser.parse_args(argv)
     args.argv = argv

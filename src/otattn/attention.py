@@ -30,19 +30,30 @@ import numpy as np
 
 from otattn.eot import _check_log_prior, one_sided_plan, one_sided_value
 
-__all__ = ["SinkAttention", "attention_plan", "attention_scores", "prior_attention", "sink_attention"]
+__all__ = [
+    "SinkAttention",
+    "attention_plan",
+    "attention_scores",
+    "prior_attention",
+    "sink_attention",
+]
 
 
 def _as_real(x, name: str, axes: str) -> np.ndarray:
     """Return ``x`` as a finite float64 array with at least two axes, or raise."""
     x = np.asarray(x)
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)) or x.dtype == bool:
+    if (
+        not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer))
+        or x.dtype == bool
+    ):
         raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape {axes}, got {x.shape}")
     x = x.astype(np.float64, copy=False)
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf at {np.argwhere(~np.isfinite(x))[0].tolist()}")
+        raise ValueError(
+            f"{name} contains NaN or inf at {np.argwhere(~np.isfinite(x))[0].tolist()}"
+        )
     return x
 
 
@@ -75,7 +86,9 @@ def attention_scores(q, k, *, scale: float | None = None) -> np.ndarray:
     q = _as_real(q, "q", "(..., L, D)")
     k = _as_real(k, "k", "(..., S, D)")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}")
+        raise ValueError(
+            f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}"
+        )
     try:
         np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     except ValueError:
@@ -84,12 +97,18 @@ def attention_scores(q, k, *, scale: float | None = None) -> np.ndarray:
         ) from None
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (np.isfinite(scale) and scale > 0):
+    elif (
+        isinstance(scale, bool)
+        or not isinstance(scale, numbers.Real)
+        or not (np.isfinite(scale) and scale > 0)
+    ):
         raise ValueError(f"scale must be a positive finite real number, got {scale!r}")
     return float(scale) * np.einsum("...id,...jd->...ij", q, k)
 
 
-def prior_attention(q, k, v, *, log_prior=None, eps: float = 1.0, scale: float | None = None) -> np.ndarray:
+def prior_attention(
+    q, k, v, *, log_prior=None, eps: float = 1.0, scale: float | None = None
+) -> np.ndarray:
     r"""Attention with a prior over keys: :math:`o_i = \sum_j \operatorname{softmax}(s_i/\varepsilon + \log\pi_i)_j\, v_j`.
 
     The weights are the one-sided entropic plan with prior :math:`\pi`, equation
@@ -147,7 +166,9 @@ def _scores_and_values(q, k, v, scale) -> tuple[np.ndarray, np.ndarray]:
     scores = attention_scores(q, k, scale=scale)
     v = _as_real(v, "v", "(..., S, Dv)")
     if v.shape[-2] != scores.shape[-1]:
-        raise ValueError(f"k and v must have the same number of keys S, got {scores.shape[-1]} and {v.shape[-2]}")
+        raise ValueError(
+            f"k and v must have the same number of keys S, got {scores.shape[-1]} and {v.shape[-2]}"
+        )
     try:
         batch = np.broadcast_shapes(scores.shape[:-2], v.shape[:-2])
     except ValueError:
@@ -157,7 +178,9 @@ def _scores_and_values(q, k, v, scale) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(scores, batch + scores.shape[-2:]), v
 
 
-def _checked_log_prior(log_prior, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _checked_log_prior(
+    log_prior, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """The log-prior as float64 of ``shape`` (zeros for ``None``), and the rows with no key.
 
     Returns ``(log_prior, empty)`` with ``empty`` of shape ``shape[:-1]``, true where every
@@ -171,11 +194,15 @@ def _plan_from_scores(scores: np.ndarray, log_prior, eps: float) -> np.ndarray:
     """The plan of :func:`prior_attention` for given scores; rows with no key are zero."""
     log_prior, empty = _checked_log_prior(log_prior, scores.shape)
     # Give empty rows a harmless uniform prior so the plan exists, then zero them below.
-    plan = one_sided_plan(-scores, eps=eps, log_prior=np.where(empty[..., None], 0.0, log_prior))
+    plan = one_sided_plan(
+        -scores, eps=eps, log_prior=np.where(empty[..., None], 0.0, log_prior)
+    )
     return np.where(empty[..., None], 0.0, plan)  # the zero-value key of eq-empty-row
 
 
-def attention_plan(q, k, *, log_prior=None, eps: float = 1.0, scale: float | None = None) -> np.ndarray:
+def attention_plan(
+    q, k, *, log_prior=None, eps: float = 1.0, scale: float | None = None
+) -> np.ndarray:
     r"""Attention weights with a prior: :math:`P_{ij} = \operatorname{softmax}(s_i/\varepsilon + \log\pi_i)_j`.
 
     The plan that :func:`prior_attention` multiplies by the values, equation
@@ -275,21 +302,29 @@ def sink_attention(
     scores, v = _scores_and_values(q, k, v, scale)
     log_prior, empty = _checked_log_prior(log_prior, scores.shape)
     b = np.asarray(sink_logit)
-    if b.dtype == bool or not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)):
+    if b.dtype == bool or not (
+        np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)
+    ):
         raise ValueError(f"sink_logit must hold real numbers, got dtype {b.dtype}")
     try:
         fits = np.broadcast_shapes(b.shape, scores.shape[:-1]) == scores.shape[:-1]
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"sink_logit of shape {b.shape} does not broadcast to the rows {scores.shape[:-1]}")
+        raise ValueError(
+            f"sink_logit of shape {b.shape} does not broadcast to the rows {scores.shape[:-1]}"
+        )
     if not np.isfinite(b).all():
         raise ValueError("sink_logit must be finite")
     b = np.broadcast_to(b.astype(np.float64), scores.shape[:-1])
     # The virtual key: content score 0 and log-prior b, so its logit is b whatever eps is.
     cost = np.concatenate([-scores, np.zeros(scores.shape[:-1] + (1,))], axis=-1)
-    plan = one_sided_plan(cost, eps=eps, log_prior=np.concatenate([log_prior, b[..., None]], axis=-1))
+    plan = one_sided_plan(
+        cost, eps=eps, log_prior=np.concatenate([log_prior, b[..., None]], axis=-1)
+    )
     out = np.einsum("...ij,...jd->...id", plan[..., :-1], v)  # the sink's value is zero
-    value = one_sided_value(-scores, eps=eps, log_prior=np.where(empty[..., None], 0.0, log_prior))
+    value = one_sided_value(
+        -scores, eps=eps, log_prior=np.where(empty[..., None], 0.0, log_prior)
+    )
     lse = np.where(empty, -np.inf, -value / eps)  # one_sided_value is -eps * lse
     return SinkAttention(out=out, sink_weight=plan[..., -1], lse=lse)

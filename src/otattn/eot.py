@@ -61,13 +61,19 @@ def _check_eps(eps: float) -> float:
 def _as_cost(cost) -> np.ndarray:
     """Return ``cost`` as a float64 array of shape ``(..., S)`` with finite entries."""
     cost = np.asarray(cost)
-    if not (np.issubdtype(cost.dtype, np.floating) or np.issubdtype(cost.dtype, np.integer)):
+    if not (
+        np.issubdtype(cost.dtype, np.floating) or np.issubdtype(cost.dtype, np.integer)
+    ):
         raise ValueError(f"cost must hold real numbers, got dtype {cost.dtype}")
     cost = cost.astype(np.float64, copy=False)
     if cost.ndim == 0 or cost.shape[-1] == 0:
-        raise ValueError(f"cost must have shape (..., L, S) with S >= 1 keys, got {cost.shape}")
+        raise ValueError(
+            f"cost must have shape (..., L, S) with S >= 1 keys, got {cost.shape}"
+        )
     if np.isnan(cost).any():
-        raise ValueError(f"cost contains NaN at {np.argwhere(np.isnan(cost))[0].tolist()}")
+        raise ValueError(
+            f"cost contains NaN at {np.argwhere(np.isnan(cost))[0].tolist()}"
+        )
     if np.isinf(cost).any():
         raise ValueError(
             "cost contains an infinite entry; forbid a key with log_prior = -inf instead"
@@ -75,7 +81,9 @@ def _as_cost(cost) -> np.ndarray:
     return cost
 
 
-def _check_log_prior(log_prior, shape: tuple[int, ...], *, target: str = "the cost shape") -> np.ndarray:
+def _check_log_prior(
+    log_prior, shape: tuple[int, ...], *, target: str = "the cost shape"
+) -> np.ndarray:
     """Return ``log_prior`` as float64 broadcast to ``shape`` (zeros for ``None``), or raise.
 
     A log-prior may be ``-inf`` (a key with zero prior mass, i.e. a mask) but never NaN or
@@ -86,15 +94,24 @@ def _check_log_prior(log_prior, shape: tuple[int, ...], *, target: str = "the co
         return np.zeros(shape)
     log_prior = np.asarray(log_prior)
     if log_prior.dtype == bool:
-        raise ValueError("log_prior is boolean; convert a mask with otattn.priors.mask_log_prior")
-    if not (np.issubdtype(log_prior.dtype, np.floating) or np.issubdtype(log_prior.dtype, np.integer)):
-        raise ValueError(f"log_prior must hold real numbers, got dtype {log_prior.dtype}")
+        raise ValueError(
+            "log_prior is boolean; convert a mask with otattn.priors.mask_log_prior"
+        )
+    if not (
+        np.issubdtype(log_prior.dtype, np.floating)
+        or np.issubdtype(log_prior.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"log_prior must hold real numbers, got dtype {log_prior.dtype}"
+        )
     try:
         broadcast = np.broadcast_shapes(log_prior.shape, shape)
     except ValueError:
         broadcast = None
     if broadcast != shape:
-        raise ValueError(f"log_prior of shape {log_prior.shape} does not broadcast to {target} {shape}")
+        raise ValueError(
+            f"log_prior of shape {log_prior.shape} does not broadcast to {target} {shape}"
+        )
     log_prior = log_prior.astype(np.float64, copy=False)
     if np.isnan(log_prior).any():
         raise ValueError("log_prior contains NaN")
@@ -131,7 +148,9 @@ def _shifted_logits(cost, eps, log_prior) -> tuple[np.ndarray, np.ndarray]:
     log_prior = _as_log_prior(log_prior, cost.shape)
     allowed = log_prior > -np.inf
     c_min = np.where(allowed, cost, np.inf).min(axis=-1, keepdims=True)
-    with np.errstate(over="ignore"):  # (cost - c_min) / eps may overflow to +inf: weight 0
+    with np.errstate(
+        over="ignore"
+    ):  # (cost - c_min) / eps may overflow to +inf: weight 0
         gap = np.where(allowed, cost - c_min, 0.0) / eps
     return np.where(allowed, log_prior - gap, -np.inf), c_min
 
@@ -297,9 +316,13 @@ def one_sided_objective(plan, cost, *, eps: float = 1.0, log_prior=None) -> np.n
     cost = _as_cost(cost)
     plan = np.asarray(plan, dtype=np.float64)
     if plan.shape != cost.shape:
-        raise ValueError(f"plan of shape {plan.shape} does not match cost of shape {cost.shape}")
+        raise ValueError(
+            f"plan of shape {plan.shape} does not match cost of shape {cost.shape}"
+        )
     log_prior = _as_log_prior(log_prior, cost.shape)
-    return np.einsum("...j,...j->...", plan, cost) + eps * kl_divergence(plan, log_prior)
+    return np.einsum("...j,...j->...", plan, cost) + eps * kl_divergence(
+        plan, log_prior
+    )
 
 
 # --- Balanced entropic OT: the log-domain Sinkhorn iteration (book, ch-sinkhorn) ---------
@@ -347,7 +370,9 @@ def _as_marginal(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"{name} of shape {x.shape} does not match the cost: expected {shape}")
+        raise ValueError(
+            f"{name} of shape {x.shape} does not match the cost: expected {shape}"
+        )
     x = np.broadcast_to(x.astype(np.float64), shape)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} must be finite, got {float(x[~np.isfinite(x)][0])!r}")
@@ -356,7 +381,9 @@ def _as_marginal(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
-def _soft_c_transform(cost: np.ndarray, g: np.ndarray, log_a: np.ndarray, eps: float) -> np.ndarray:
+def _soft_c_transform(
+    cost: np.ndarray, g: np.ndarray, log_a: np.ndarray, eps: float
+) -> np.ndarray:
     r"""Sinkhorn's row update, :eq:`eq-sinkhorn-f` of the book.
 
     :math:`f_i = \varepsilon \log a_i - \varepsilon \lse_j \bigl((g_j - C_{ij})/\varepsilon\bigr)`.
@@ -366,7 +393,9 @@ def _soft_c_transform(cost: np.ndarray, g: np.ndarray, log_a: np.ndarray, eps: f
     return eps * (log_a - _logsumexp((g[..., None, :] - cost) / eps))
 
 
-def sinkhorn(cost, a, b, *, eps: float, max_iter: int = 1000, tol: float = 1e-9) -> SinkhornResult:
+def sinkhorn(
+    cost, a, b, *, eps: float, max_iter: int = 1000, tol: float = 1e-9
+) -> SinkhornResult:
     r"""Balanced entropic optimal transport by the log-domain Sinkhorn iteration.
 
     Solves :eq:`eq-eot` of the book, with both marginals fixed,
@@ -424,7 +453,11 @@ def sinkhorn(cost, a, b, *, eps: float, max_iter: int = 1000, tol: float = 1e-9)
     eps, cost = _check_eps(eps), _as_cost(cost)
     if cost.ndim < 2:
         raise ValueError(f"cost must have shape (..., L, S), got {cost.shape}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+    if (
+        isinstance(max_iter, bool)
+        or not isinstance(max_iter, numbers.Integral)
+        or max_iter < 1
+    ):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative real number, got {tol!r}")

@@ -24,9 +24,23 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from otattn.eot import kl_divergence, one_sided_plan, one_sided_value
-from otattn.spectral import GoatParams, Lanes, SinkParams, _sink_forward, goat_frequencies, goat_lanes, phase_lanes
+from otattn.spectral import (
+    GoatParams,
+    Lanes,
+    SinkParams,
+    _sink_forward,
+    goat_frequencies,
+    goat_lanes,
+    phase_lanes,
+)
 
-__all__ = ["FitResult", "LossGradient", "fit_goat_prior", "goat_lanes_vjp", "prior_fit_loss"]
+__all__ = [
+    "FitResult",
+    "LossGradient",
+    "fit_goat_prior",
+    "goat_lanes_vjp",
+    "prior_fit_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,9 @@ class FitResult:
     plan: np.ndarray
 
 
-def goat_lanes_vjp(params: GoatParams, grad_lanes: Lanes, L: int, S: int, *, length: int | None = None) -> GoatParams:
+def goat_lanes_vjp(
+    params: GoatParams, grad_lanes: Lanes, L: int, S: int, *, length: int | None = None
+) -> GoatParams:
     r"""Gradient with respect to the GOAT parameters, from the gradient with respect to the lanes.
 
     The vector-Jacobian product of :func:`otattn.spectral.goat_lanes` at the default
@@ -80,21 +96,34 @@ def goat_lanes_vjp(params: GoatParams, grad_lanes: Lanes, L: int, S: int, *, len
     """
     alpha = np.asarray(params.alpha)
     if alpha.ndim != 1:
-        raise ValueError(f"goat_lanes_vjp handles sequences: alpha must have shape (R,), got {alpha.shape}")
+        raise ValueError(
+            f"goat_lanes_vjp handles sequences: alpha must have shape (R,), got {alpha.shape}"
+        )
     R = alpha.size
-    gq, gk = np.asarray(grad_lanes.query, dtype=np.float64), np.asarray(grad_lanes.key, dtype=np.float64)
+    gq, gk = (
+        np.asarray(grad_lanes.query, dtype=np.float64),
+        np.asarray(grad_lanes.key, dtype=np.float64),
+    )
     if gq.shape != (L, 2 * R + 1) or gk.shape != (S, 2 * R + 1):
-        raise ValueError(f"lane gradients must have shapes ({L}, {2 * R + 1}) and ({S}, {2 * R + 1}), got {gq.shape}, {gk.shape}")
+        raise ValueError(
+            f"lane gradients must have shapes ({L}, {2 * R + 1}) and ({S}, {2 * R + 1}), got {gq.shape}, {gk.shape}"
+        )
     key_pos = np.arange(S)
-    c, s = np.split(phase_lanes(key_pos[S - L:], goat_frequencies(R, base=params.base)), 2, axis=1)
-    g_c, g_s = gq[:, :R], gq[:, R: 2 * R]
+    c, s = np.split(
+        phase_lanes(key_pos[S - L :], goat_frequencies(R, base=params.base)), 2, axis=1
+    )
+    g_c, g_s = gq[:, :R], gq[:, R : 2 * R]
     d_alpha = np.einsum("ir,ir->r", g_c, c) + np.einsum("ir,ir->r", g_s, s)
     d_beta = np.einsum("ir,ir->r", g_c, s) - np.einsum("ir,ir->r", g_s, c)
     d_sink = None
     if params.sink is not None:
-        features, hidden, _ = _sink_forward(params.sink, key_pos, S if length is None else length, params.base)
+        features, hidden, _ = _sink_forward(
+            params.sink, key_pos, S if length is None else length, params.base
+        )
         d_u = gk[:, -1]  # (S,)
-        d_pre = np.einsum("j,h->jh", d_u, np.asarray(params.sink.w_out, dtype=np.float64)) * (1.0 - hidden**2)
+        d_pre = np.einsum(
+            "j,h->jh", d_u, np.asarray(params.sink.w_out, dtype=np.float64)
+        ) * (1.0 - hidden**2)
         d_sink = SinkParams(
             w_in=np.einsum("jh,jf->hf", d_pre, features),
             b_in=np.einsum("jh->h", d_pre),
@@ -107,17 +136,31 @@ def goat_lanes_vjp(params: GoatParams, grad_lanes: Lanes, L: int, S: int, *, len
 def _check_target(target, log_mask) -> tuple[np.ndarray, np.ndarray]:
     target = np.asarray(target, dtype=np.float64)
     if target.ndim != 2 or not np.isfinite(target).all() or (target < 0).any():
-        raise ValueError(f"target must be a finite non-negative (L, S) array, got shape {target.shape}")
+        raise ValueError(
+            f"target must be a finite non-negative (L, S) array, got shape {target.shape}"
+        )
     np_sum = np.einsum("ij->i", target)
-    if np.abs(np_sum - 1.0).max() > 1e-9:  # rows are probability vectors, up to float rounding
-        raise ValueError(f"every target row must sum to one, got sums in [{np_sum.min()}, {np_sum.max()}]")
-    log_mask = np.zeros(target.shape) if log_mask is None else np.broadcast_to(np.asarray(log_mask, dtype=np.float64), target.shape)
+    if (
+        np.abs(np_sum - 1.0).max() > 1e-9
+    ):  # rows are probability vectors, up to float rounding
+        raise ValueError(
+            f"every target row must sum to one, got sums in [{np_sum.min()}, {np_sum.max()}]"
+        )
+    log_mask = (
+        np.zeros(target.shape)
+        if log_mask is None
+        else np.broadcast_to(np.asarray(log_mask, dtype=np.float64), target.shape)
+    )
     if (target[log_mask == -np.inf] > 0).any():
-        raise ValueError("target puts mass on a key that the mask forbids: the loss would be infinite")
+        raise ValueError(
+            "target puts mass on a key that the mask forbids: the loss would be infinite"
+        )
     return target, log_mask
 
 
-def prior_fit_loss(params: GoatParams, target, *, log_mask=None, length: int | None = None) -> LossGradient:
+def prior_fit_loss(
+    params: GoatParams, target, *, log_mask=None, length: int | None = None
+) -> LossGradient:
     r"""Mean relative entropy of the targets to the prior-only attention, and its gradient.
 
     :math:`\ell = \frac1L \sum_i \mathrm{KL}(T_i \,\|\, P_i)` with
@@ -146,32 +189,59 @@ def prior_fit_loss(params: GoatParams, target, *, log_mask=None, length: int | N
     logits = np.einsum("ic,jc->ij", lanes.query, lanes.key) + log_mask  # K + log M
     zeros = np.zeros((L, S))
     plan = one_sided_plan(zeros, log_prior=logits)
-    log_plan = logits + one_sided_value(zeros, log_prior=logits)[:, None]  # log P = Z - lse(Z)
+    log_plan = (
+        logits + one_sided_value(zeros, log_prior=logits)[:, None]
+    )  # log P = Z - lse(Z)
     loss = float(np.mean(kl_divergence(target, log_plan)))
     g = (plan - target) / L  # d loss / d K
-    grad_lanes = Lanes(query=np.einsum("ij,jc->ic", g, lanes.key), key=np.einsum("ij,ic->jc", g, lanes.query))
-    return LossGradient(loss=loss, grad=goat_lanes_vjp(params, grad_lanes, L, S, length=length), plan=plan)
+    grad_lanes = Lanes(
+        query=np.einsum("ij,jc->ic", g, lanes.key),
+        key=np.einsum("ij,ic->jc", g, lanes.query),
+    )
+    return LossGradient(
+        loss=loss,
+        grad=goat_lanes_vjp(params, grad_lanes, L, S, length=length),
+        plan=plan,
+    )
 
 
 def _flatten(p: GoatParams) -> np.ndarray:
     parts = [np.ravel(p.alpha), np.ravel(p.beta)]
     if p.sink is not None:
-        parts += [np.ravel(p.sink.w_in), np.ravel(p.sink.b_in), np.ravel(p.sink.w_out), [p.sink.slope]]
+        parts += [
+            np.ravel(p.sink.w_in),
+            np.ravel(p.sink.b_in),
+            np.ravel(p.sink.w_out),
+            [p.sink.slope],
+        ]
     return np.concatenate([np.asarray(x, dtype=np.float64) for x in parts])
 
 
 def _unflatten(x: np.ndarray, like: GoatParams) -> GoatParams:
     shapes = [np.shape(like.alpha), np.shape(like.beta)]
     if like.sink is not None:
-        shapes += [np.shape(like.sink.w_in), np.shape(like.sink.b_in), np.shape(like.sink.w_out), (1,)]
+        shapes += [
+            np.shape(like.sink.w_in),
+            np.shape(like.sink.b_in),
+            np.shape(like.sink.w_out),
+            (1,),
+        ]
     sizes = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
     parts = [part.reshape(shape) for part, shape in zip(np.split(x, sizes), shapes)]
-    sink = None if like.sink is None else SinkParams(*parts[2:5], slope=float(parts[5][0]))
+    sink = (
+        None if like.sink is None else SinkParams(*parts[2:5], slope=float(parts[5][0]))
+    )
     return replace(like, alpha=parts[0], beta=parts[1], sink=sink)
 
 
 def fit_goat_prior(
-    target, init: GoatParams, *, log_mask=None, steps: int = 300, learning_rate: float = 0.05, length: int | None = None
+    target,
+    init: GoatParams,
+    *,
+    log_mask=None,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    length: int | None = None,
 ) -> FitResult:
     r"""Fit a GOAT prior to target attention by Adam on :func:`prior_fit_loss`.
 
@@ -185,19 +255,35 @@ def fit_goat_prior(
     """
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if not (isinstance(learning_rate, numbers.Real) and np.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
-    beta1, beta2, tiny = 0.9, 0.999, 1e-8  # Adam's usual constants; tiny only guards 0/0
+    if not (
+        isinstance(learning_rate, numbers.Real)
+        and np.isfinite(learning_rate)
+        and learning_rate > 0
+    ):
+        raise ValueError(
+            f"learning_rate must be positive and finite, got {learning_rate!r}"
+        )
+    beta1, beta2, tiny = (
+        0.9,
+        0.999,
+        1e-8,
+    )  # Adam's usual constants; tiny only guards 0/0
     x = _flatten(init)
     m, v = np.zeros_like(x), np.zeros_like(x)
     losses = []
     for t in range(1, steps + 2):
-        result = prior_fit_loss(_unflatten(x, init), target, log_mask=log_mask, length=length)
+        result = prior_fit_loss(
+            _unflatten(x, init), target, log_mask=log_mask, length=length
+        )
         losses.append(result.loss)
         if t == steps + 1:
             break
         g = _flatten(result.grad)
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g**2
-        x = x - learning_rate * (m / (1 - beta1**t)) / (np.sqrt(v / (1 - beta2**t)) + tiny)
-    return FitResult(params=_unflatten(x, init), losses=np.array(losses), plan=result.plan)
+        x = x - learning_rate * (m / (1 - beta1**t)) / (
+            np.sqrt(v / (1 - beta2**t)) + tiny
+        )
+    return FitResult(
+        params=_unflatten(x, init), losses=np.array(losses), plan=result.plan
+    )

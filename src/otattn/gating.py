@@ -48,22 +48,32 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def _check_gate_inputs(x, w_gate, H: int, L: int, Dv: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_gate_inputs(
+    x, w_gate, H: int, L: int, Dv: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``x`` (..., L, M) and ``w_gate`` (M, H, G) as float64, checked against the heads."""
     x = _as_real(x, "x", "(..., L, M)")
     w_gate = np.asarray(w_gate)
     if w_gate.ndim != 3:
-        raise ValueError(f"w_gate must have shape (M, H, G) with G = 1 or Dv, got {w_gate.shape}")
+        raise ValueError(
+            f"w_gate must have shape (M, H, G) with G = 1 or Dv, got {w_gate.shape}"
+        )
     w_gate = _as_real(w_gate, "w_gate", "(M, H, G)")
     M, H_w, G = w_gate.shape
     if x.shape[-2] != L:
-        raise ValueError(f"x must have one row per query: expected L = {L}, got {x.shape[-2]}")
+        raise ValueError(
+            f"x must have one row per query: expected L = {L}, got {x.shape[-2]}"
+        )
     if x.shape[-1] != M:
         raise ValueError(f"x has M = {x.shape[-1]} features but w_gate expects M = {M}")
     if H_w != H:
-        raise ValueError(f"w_gate must have one column block per head: expected H = {H}, got {H_w}")
+        raise ValueError(
+            f"w_gate must have one column block per head: expected H = {H}, got {H_w}"
+        )
     if G not in (1, Dv):
-        raise ValueError(f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), got {G}")
+        raise ValueError(
+            f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), got {G}"
+        )
     return x, w_gate
 
 
@@ -86,7 +96,9 @@ def gate_values(x, w_gate) -> np.ndarray:
     x = _as_real(x, "x", "(..., L, M)")
     w_gate = _as_real(w_gate, "w_gate", "(M, H, G)")
     if w_gate.ndim != 3 or w_gate.shape[0] != x.shape[-1]:
-        raise ValueError(f"w_gate must have shape (M, H, G) with M = {x.shape[-1]}, got {w_gate.shape}")
+        raise ValueError(
+            f"w_gate must have shape (M, H, G) with M = {x.shape[-1]}, got {w_gate.shape}"
+        )
     return _sigmoid(np.einsum("...im,mhg->...hig", x, w_gate))
 
 
@@ -123,7 +135,9 @@ def _forward(q, k, v, x, w_gate, log_prior, eps, scale):
     """Shared forward pass: checked arrays, the plan, Y and the gate."""
     scores, v = _scores_and_values(q, k, v, scale)
     if scores.ndim < 3:
-        raise ValueError(f"q must have shape (..., H, L, D) with a head axis, got {np.shape(q)}")
+        raise ValueError(
+            f"q must have shape (..., H, L, D) with a head axis, got {np.shape(q)}"
+        )
     H, L, Dv = scores.shape[-3], scores.shape[-2], v.shape[-1]
     x, w_gate = _check_gate_inputs(x, w_gate, H, L, Dv)
     plan = attention_plan(q, k, log_prior=log_prior, eps=eps, scale=scale)
@@ -181,7 +195,16 @@ def _sum_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def gated_attention_backward(
-    grad_out, q, k, v, x, w_gate, *, log_prior=None, eps: float = 1.0, scale: float | None = None
+    grad_out,
+    q,
+    k,
+    v,
+    x,
+    w_gate,
+    *,
+    log_prior=None,
+    eps: float = 1.0,
+    scale: float | None = None,
 ) -> GatedAttentionGradients:
     r"""Gradients of gated attention by the chain rule, for a loss with :math:`\partial\mathcal{L}/\partial Y' = ` ``grad_out``.
 
@@ -215,16 +238,24 @@ def gated_attention_backward(
     GatedAttentionGradients
         One gradient per array argument, each of that argument's shape.
     """
-    shapes = {name: np.shape(a) for name, a in dict(q=q, k=k, v=v, x=x, w_gate=w_gate).items()}
+    shapes = {
+        name: np.shape(a) for name, a in dict(q=q, k=k, v=v, x=x, w_gate=w_gate).items()
+    }
     qa, ka = _as_real(q, "q", "(..., H, L, D)"), _as_real(k, "k", "(..., H, S, D)")
     x, w_gate, v, plan, y, gate = _forward(q, k, v, x, w_gate, log_prior, eps, scale)
     grad_out = _as_real(grad_out, "grad_out", "(..., H, L, Dv)")
     if grad_out.shape != y.shape:
-        raise ValueError(f"grad_out must have the output shape {y.shape}, got {grad_out.shape}")
+        raise ValueError(
+            f"grad_out must have the output shape {y.shape}, got {grad_out.shape}"
+        )
     factor = (1.0 / np.sqrt(qa.shape[-1]) if scale is None else float(scale)) / eps
-    grad_y = grad_out * gate                                              # (..., H, L, Dv)
-    grad_a = np.sum(grad_out * y, axis=-1, keepdims=True) if gate.shape[-1] == 1 else grad_out * y
-    grad_a = grad_a * gate * (1.0 - gate)                                 # (..., H, L, G)
+    grad_y = grad_out * gate  # (..., H, L, Dv)
+    grad_a = (
+        np.sum(grad_out * y, axis=-1, keepdims=True)
+        if gate.shape[-1] == 1
+        else grad_out * y
+    )
+    grad_a = grad_a * gate * (1.0 - gate)  # (..., H, L, G)
     grad_v = np.einsum("...ij,...id->...jd", plan, grad_y)
     grad_p = np.einsum("...id,...jd->...ij", grad_y, v)
     grad_z = plan * (grad_p - np.sum(plan * grad_p, axis=-1, keepdims=True))
@@ -263,7 +294,9 @@ def sink_logit_from_gate(gate, lse) -> np.ndarray:
     gate = _as_real(np.atleast_2d(gate), "gate", "(..., L)").reshape(np.shape(gate))
     lse = np.asarray(lse, dtype=np.float64)
     if np.any((gate <= 0.0) | (gate >= 1.0)):
-        raise ValueError("gate must lie strictly between 0 and 1 (a gate of 0 or 1 needs an infinite sink logit)")
+        raise ValueError(
+            "gate must lie strictly between 0 and 1 (a gate of 0 or 1 needs an infinite sink logit)"
+        )
     if not np.isfinite(lse).all():
         raise ValueError("lse must be finite (a row with no key has no sink logit)")
     return lse - (np.log(gate) - np.log1p(-gate))

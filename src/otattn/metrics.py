@@ -25,16 +25,25 @@ import numbers
 
 import numpy as np
 
-__all__ = ["first_token_mass", "first_token_mass_per_head", "informative_queries", "sink_head_fraction"]
+__all__ = [
+    "first_token_mass",
+    "first_token_mass_per_head",
+    "informative_queries",
+    "sink_head_fraction",
+]
 
 
 def _as_plan(plan) -> np.ndarray:
     """Return ``plan`` as float64 of shape (..., H, L, S), checked to be non-negative rows."""
     plan = np.asarray(plan)
-    if plan.dtype == bool or not (np.issubdtype(plan.dtype, np.floating) or np.issubdtype(plan.dtype, np.integer)):
+    if plan.dtype == bool or not (
+        np.issubdtype(plan.dtype, np.floating) or np.issubdtype(plan.dtype, np.integer)
+    ):
         raise ValueError(f"plan must hold real numbers, got dtype {plan.dtype}")
     if plan.ndim < 3:
-        raise ValueError(f"plan must have shape (..., H, L, S) with a head axis, got {plan.shape}")
+        raise ValueError(
+            f"plan must have shape (..., H, L, S) with a head axis, got {plan.shape}"
+        )
     plan = plan.astype(np.float64, copy=False)
     if not np.isfinite(plan).all() or (plan < 0).any():
         raise ValueError("plan must be finite and non-negative")
@@ -61,9 +70,13 @@ def informative_queries(allowed, L: int, S: int) -> np.ndarray:
         return np.full(L, S > 1)
     allowed = np.asarray(allowed)
     if allowed.dtype != bool:
-        raise ValueError(f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}")
+        raise ValueError(
+            f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}"
+        )
     if allowed.ndim < 2 or allowed.shape[-2:] not in ((L, S), (1, S), (L, 1), (1, 1)):
-        raise ValueError(f"allowed of shape {allowed.shape} does not broadcast to (..., {L}, {S})")
+        raise ValueError(
+            f"allowed of shape {allowed.shape} does not broadcast to (..., {L}, {S})"
+        )
     allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (L, S))
     return allowed[..., 0] & allowed[..., 1:].any(axis=-1)
 
@@ -98,12 +111,18 @@ def first_token_mass_per_head(plan, *, allowed=None) -> np.ndarray:
     try:
         weights = np.broadcast_to(informative, plan.shape[:-1]).astype(np.float64)
     except ValueError:
-        raise ValueError(f"allowed does not broadcast to the plan {plan.shape}") from None
-    axes = tuple(a for a in range(plan.ndim - 1) if a != plan.ndim - 3)  # all but the head axis
-    count = weights.sum(axis=axes)                                        # (H,)
+        raise ValueError(
+            f"allowed does not broadcast to the plan {plan.shape}"
+        ) from None
+    axes = tuple(
+        a for a in range(plan.ndim - 1) if a != plan.ndim - 3
+    )  # all but the head axis
+    count = weights.sum(axis=axes)  # (H,)
     if (count == 0).any():
-        raise ValueError("no informative query: every query sees either no first token or nothing else")
-    total = np.einsum("...hi,...hi->...h", weights, plan[..., 0])         # (..., H)
+        raise ValueError(
+            "no informative query: every query sees either no first token or nothing else"
+        )
+    total = np.einsum("...hi,...hi->...h", weights, plan[..., 0])  # (..., H)
     return total.reshape(-1, total.shape[-1]).sum(axis=0) / count
 
 
@@ -145,6 +164,12 @@ def sink_head_fraction(plan, *, threshold: float, allowed=None) -> float:
     fraction : float
         In :math:`[0, 1]`, a multiple of :math:`1/H`.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be a real number strictly between 0 and 1, got {threshold!r}")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 < threshold < 1.0
+    ):
+        raise ValueError(
+            f"threshold must be a real number strictly between 0 and 1, got {threshold!r}"
+        )
     return float(np.mean(first_token_mass_per_head(plan, allowed=allowed) > threshold))

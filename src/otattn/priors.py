@@ -80,14 +80,18 @@ def position_lag(L: int, S: int, *, query_pos=None, key_pos=None) -> np.ndarray:
         vector of the right length, or ``L > S`` with default query positions.
     """
     L, S = _check_length(L, "L"), _check_length(S, "S")
-    key_pos = np.arange(S, dtype=np.int64) if key_pos is None else _check_positions(key_pos, S, "key_pos")
+    key_pos = (
+        np.arange(S, dtype=np.int64)
+        if key_pos is None
+        else _check_positions(key_pos, S, "key_pos")
+    )
     if query_pos is None:
         if L > S:
             raise ValueError(
                 f"default query positions are the last L of the S key positions, which needs "
                 f"L <= S (got L={L}, S={S}); pass query_pos explicitly"
             )
-        query_pos = key_pos[S - L:]
+        query_pos = key_pos[S - L :]
     else:
         query_pos = _check_positions(query_pos, L, "query_pos")
     return query_pos[:, None] - key_pos[None, :]
@@ -117,7 +121,9 @@ def mask_log_prior(allowed) -> np.ndarray:
     """
     allowed = np.asarray(allowed)
     if allowed.dtype != bool:
-        raise ValueError(f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}")
+        raise ValueError(
+            f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}"
+        )
     return np.where(allowed, 0.0, -np.inf)
 
 
@@ -169,7 +175,13 @@ def causal_log_prior(L: int, S: int, *, query_pos=None, key_pos=None) -> np.ndar
 
 
 def alibi_log_prior(
-    L: int, S: int, *, slope: float, symmetric: bool = False, query_pos=None, key_pos=None
+    L: int,
+    S: int,
+    *,
+    slope: float,
+    symmetric: bool = False,
+    query_pos=None,
+    key_pos=None,
 ) -> np.ndarray:
     r"""ALiBi log-prior: :math:`\log \pi_{ij} = -m\, d_{ij}` on the causal keys (or :math:`-m |d_{ij}|`).
 
@@ -206,11 +218,17 @@ def alibi_log_prior(
     ValueError
         If ``slope`` is not a finite real number, or the positions are invalid.
     """
-    if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not np.isfinite(slope):
+    if (
+        isinstance(slope, bool)
+        or not isinstance(slope, numbers.Real)
+        or not np.isfinite(slope)
+    ):
         raise ValueError(f"slope must be a finite real number, got {slope!r}")
     lag = position_lag(L, S, query_pos=query_pos, key_pos=key_pos).astype(np.float64)
     if symmetric:
-        return 0.0 - float(slope) * np.abs(lag)  # 0.0 - x: no negative zeros on the diagonal
+        return 0.0 - float(slope) * np.abs(
+            lag
+        )  # 0.0 - x: no negative zeros on the diagonal
     return -float(slope) * lag + mask_log_prior(lag >= 0)
 
 
@@ -247,6 +265,8 @@ def key_log_prior(u, *, L: int | None = None) -> np.ndarray:
         raise ValueError(f"u must have shape (S,) with S >= 1, got {u.shape}")
     u = u.astype(np.float64)
     if np.isnan(u).any() or (u == np.inf).any():
-        raise ValueError("u must not contain NaN or +inf (use -inf for a key with no mass)")
+        raise ValueError(
+            "u must not contain NaN or +inf (use -inf for a key with no mass)"
+        )
     ones = np.ones(1 if L is None else _check_length(L, "L"))
     return np.einsum("i,j->ij", ones, u)  # the outer product 1 u^T: rank one

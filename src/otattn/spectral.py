@@ -112,7 +112,11 @@ def goat_frequencies(R: int, *, base: float = 10_000.0) -> np.ndarray:
     """
     if isinstance(R, bool) or not isinstance(R, numbers.Integral) or R < 1:
         raise ValueError(f"R must be a positive integer, got {R!r}")
-    if isinstance(base, bool) or not isinstance(base, numbers.Real) or not (np.isfinite(base) and base > 1):
+    if (
+        isinstance(base, bool)
+        or not isinstance(base, numbers.Real)
+        or not (np.isfinite(base) and base > 1)
+    ):
         raise ValueError(f"base must be a finite number above 1, got {base!r}")
     if R == 1:
         return np.ones(1)
@@ -139,9 +143,13 @@ def _check_positions(pos, n_axes: int, name: str) -> np.ndarray:
     if pos.ndim == 1 and n_axes == 1:
         pos = pos[:, None]
     if pos.ndim != 2 or pos.shape[1] != n_axes:
-        raise ValueError(f"{name} must have shape (N,) for sequences or (N, {n_axes}) for a grid, got {pos.shape}")
+        raise ValueError(
+            f"{name} must have shape (N,) for sequences or (N, {n_axes}) for a grid, got {pos.shape}"
+        )
     if np.any(np.abs(pos) > _MAX_POSITION):
-        raise ValueError(f"{name} must lie within +-2**53 so that float64 holds them exactly")
+        raise ValueError(
+            f"{name} must lie within +-2**53 so that float64 holds them exactly"
+        )
     return pos.astype(np.int64)
 
 
@@ -179,13 +187,20 @@ def phase_lanes(pos, omega) -> np.ndarray:
     pos = _check_positions(pos, 1, "pos")[:, 0].astype(np.float64)
     h, l = _two_product(pos[:, None], omega[None, :])  # (N, R) each
     cos_h, sin_h, cos_l, sin_l = np.cos(h), np.sin(h), np.cos(l), np.sin(l)
-    return np.concatenate([cos_h * cos_l - sin_h * sin_l, sin_h * cos_l + cos_h * sin_l], axis=1)
+    return np.concatenate(
+        [cos_h * cos_l - sin_h * sin_l, sin_h * cos_l + cos_h * sin_l], axis=1
+    )
 
 
 def _check_weights(alpha, beta) -> tuple[np.ndarray, np.ndarray]:
-    alpha, beta = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+    alpha, beta = (
+        np.asarray(alpha, dtype=np.float64),
+        np.asarray(beta, dtype=np.float64),
+    )
     if alpha.shape != beta.shape or alpha.ndim not in (1, 2) or alpha.shape[-1] == 0:
-        raise ValueError(f"alpha and beta must share a shape (R,) or (A, R), got {alpha.shape} and {beta.shape}")
+        raise ValueError(
+            f"alpha and beta must share a shape (R,) or (A, R), got {alpha.shape} and {beta.shape}"
+        )
     if not (np.isfinite(alpha).all() and np.isfinite(beta).all()):
         raise ValueError("alpha and beta must be finite")
     return np.atleast_2d(alpha), np.atleast_2d(beta)
@@ -196,12 +211,21 @@ def _has_position(flags, n: int, name: str) -> np.ndarray:
         return np.ones(n, dtype=bool)
     flags = np.asarray(flags)
     if flags.dtype != bool or flags.shape != (n,):
-        raise ValueError(f"{name} must be a boolean array of shape ({n},), got {flags.dtype} {flags.shape}")
+        raise ValueError(
+            f"{name} must be a boolean array of shape ({n},), got {flags.dtype} {flags.shape}"
+        )
     return flags
 
 
 def relative_lanes(
-    alpha, beta, query_pos, key_pos, *, base: float = 10_000.0, query_has_position=None, key_has_position=None
+    alpha,
+    beta,
+    query_pos,
+    key_pos,
+    *,
+    base: float = 10_000.0,
+    query_has_position=None,
+    key_has_position=None,
 ) -> Lanes:
     r"""Lanes of the relative prior: :math:`\kappa(p_i - p_j) = \langle q^{\mathrm{rel}}_i, k^{\mathrm{rel}}_j\rangle`.
 
@@ -247,7 +271,8 @@ def relative_lanes(
     q_on = _has_position(query_has_position, len(query_pos), "query_has_position")
     k_on = _has_position(key_has_position, len(key_pos), "key_has_position")
     return Lanes(
-        query=np.concatenate(q_parts, axis=1) * q_on[:, None], key=np.concatenate(k_parts, axis=1) * k_on[:, None]
+        query=np.concatenate(q_parts, axis=1) * q_on[:, None],
+        key=np.concatenate(k_parts, axis=1) * k_on[:, None],
     )
 
 
@@ -260,7 +285,9 @@ def grid_positions(H: int, W: int) -> np.ndarray:
     return np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.int64)
 
 
-def sink_features(key_pos, *, length: int, n_freq: int, base: float = 10_000.0) -> np.ndarray:
+def sink_features(
+    key_pos, *, length: int, n_freq: int, base: float = 10_000.0
+) -> np.ndarray:
     r"""Features of a key position for the sink MLP: :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`.
 
     ``nu = goat_frequencies(n_freq, base=base)``; the last feature is the position
@@ -270,7 +297,11 @@ def sink_features(key_pos, *, length: int, n_freq: int, base: float = 10_000.0) 
     -------
     features : ndarray of float64, shape (S, 2 n_freq + 1)
     """
-    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1:
+    if (
+        isinstance(length, bool)
+        or not isinstance(length, numbers.Integral)
+        or length < 1
+    ):
         raise ValueError(f"length must be a positive integer, got {length!r}")
     trig = phase_lanes(key_pos, goat_frequencies(n_freq, base=base))
     normalised = _check_positions(key_pos, 1, "key_pos")[:, :1] / float(length)
@@ -279,18 +310,33 @@ def sink_features(key_pos, *, length: int, n_freq: int, base: float = 10_000.0) 
 
 def _sink_forward(sink: SinkParams, key_pos, length: int, base: float):
     """Features (S, F), hidden activations tanh (S, Hs), and u (S,) of the sink term."""
-    w_in, b_in, w_out = (np.asarray(x, dtype=np.float64) for x in (sink.w_in, sink.b_in, sink.w_out))
-    if w_in.ndim != 2 or w_in.shape[1] % 2 != 1 or b_in.shape != w_in.shape[:1] or w_out.shape != w_in.shape[:1]:
+    w_in, b_in, w_out = (
+        np.asarray(x, dtype=np.float64) for x in (sink.w_in, sink.b_in, sink.w_out)
+    )
+    if (
+        w_in.ndim != 2
+        or w_in.shape[1] % 2 != 1
+        or b_in.shape != w_in.shape[:1]
+        or w_out.shape != w_in.shape[:1]
+    ):
         raise ValueError(
             f"sink weights must be w_in (Hs, 2n+1), b_in (Hs,), w_out (Hs,); got {w_in.shape}, {b_in.shape}, {w_out.shape}"
         )
-    features = sink_features(key_pos, length=length, n_freq=(w_in.shape[1] - 1) // 2, base=base)
+    features = sink_features(
+        key_pos, length=length, n_freq=(w_in.shape[1] - 1) // 2, base=base
+    )
     hidden = np.tanh(np.einsum("hf,jf->jh", w_in, features) + b_in)
     pos = _check_positions(key_pos, 1, "key_pos")[:, 0].astype(np.float64)
-    return features, hidden, np.einsum("jh,h->j", hidden, w_out) + float(sink.slope) * pos
+    return (
+        features,
+        hidden,
+        np.einsum("jh,h->j", hidden, w_out) + float(sink.slope) * pos,
+    )
 
 
-def sink_term(sink: SinkParams, key_pos, *, length: int, base: float = 10_000.0) -> np.ndarray:
+def sink_term(
+    sink: SinkParams, key_pos, *, length: int, base: float = 10_000.0
+) -> np.ndarray:
     r"""Key-only sink term :math:`u(p) = w_{\mathrm{out}}^\top \tanh(W_{\mathrm{in}} \phi(p) + b_{\mathrm{in}}) + m\,p`.
 
     A one-hidden-layer MLP over :func:`sink_features` plus the linear recency term
@@ -308,14 +354,23 @@ def _default_positions(L: int, S: int, query_pos, key_pos):
     key_pos = np.arange(S) if key_pos is None else key_pos
     if query_pos is None:
         if np.ndim(key_pos) != 1 or L > S:
-            raise ValueError("default query positions are the last L of 1-D key positions (L <= S); pass query_pos")
-        query_pos = np.asarray(key_pos)[S - L:]
+            raise ValueError(
+                "default query positions are the last L of 1-D key positions (L <= S); pass query_pos"
+            )
+        query_pos = np.asarray(key_pos)[S - L :]
     return query_pos, key_pos
 
 
 def goat_lanes(
-    params: GoatParams, L: int, S: int, *, query_pos=None, key_pos=None, length: int | None = None,
-    query_has_position=None, key_has_position=None,
+    params: GoatParams,
+    L: int,
+    S: int,
+    *,
+    query_pos=None,
+    key_pos=None,
+    length: int | None = None,
+    query_has_position=None,
+    key_has_position=None,
 ) -> Lanes:
     r"""All 2AR + 1 GOAT lanes: query :math:`[q^{\mathrm{rel}}_i, 1]`, key :math:`[k^{\mathrm{rel}}_j, u_j]`.
 
@@ -332,16 +387,31 @@ def goat_lanes(
     """
     query_pos, key_pos = _default_positions(L, S, query_pos, key_pos)
     rel = relative_lanes(
-        params.alpha, params.beta, query_pos, key_pos, base=params.base,
-        query_has_position=query_has_position, key_has_position=key_has_position,
+        params.alpha,
+        params.beta,
+        query_pos,
+        key_pos,
+        base=params.base,
+        query_has_position=query_has_position,
+        key_has_position=key_has_position,
     )
     if rel.query.shape[0] != L or rel.key.shape[0] != S:
-        raise ValueError(f"positions give {rel.query.shape[0]} queries and {rel.key.shape[0]} keys, expected L={L}, S={S}")
+        raise ValueError(
+            f"positions give {rel.query.shape[0]} queries and {rel.key.shape[0]} keys, expected L={L}, S={S}"
+        )
     u = np.zeros(S)
     if params.sink is not None:
         sink_pos = key_pos if np.ndim(key_pos) == 1 else np.arange(S)
-        u = sink_term(params.sink, sink_pos, length=S if length is None else length, base=params.base)
-    return Lanes(query=np.concatenate([rel.query, np.ones((L, 1))], axis=1), key=np.concatenate([rel.key, u[:, None]], axis=1))
+        u = sink_term(
+            params.sink,
+            sink_pos,
+            length=S if length is None else length,
+            base=params.base,
+        )
+    return Lanes(
+        query=np.concatenate([rel.query, np.ones((L, 1))], axis=1),
+        key=np.concatenate([rel.key, u[:, None]], axis=1),
+    )
 
 
 def goat_log_prior(params: GoatParams, L: int, S: int, **positions) -> np.ndarray:
@@ -388,12 +458,18 @@ def fused_query_key(q, k, lanes: Lanes) -> Lanes:
     q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
     C = lanes.query.shape[1]
     if q.ndim < 2 or k.ndim < 2 or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have shapes (..., L, D) and (..., S, D), got {q.shape} and {k.shape}")
+        raise ValueError(
+            f"q and k must have shapes (..., L, D) and (..., S, D), got {q.shape} and {k.shape}"
+        )
     D = q.shape[-1]
     if C >= D:
-        raise ValueError(f"rank too large for the head size: {C} prior lanes leave no content channel in D = {D}")
+        raise ValueError(
+            f"rank too large for the head size: {C} prior lanes leave no content channel in D = {D}"
+        )
     if lanes.query.shape[0] != q.shape[-2] or lanes.key.shape[0] != k.shape[-2]:
-        raise ValueError(f"lanes for {lanes.query.shape[0]} queries and {lanes.key.shape[0]} keys do not match q, k")
+        raise ValueError(
+            f"lanes for {lanes.query.shape[0]} queries and {lanes.key.shape[0]} keys do not match q, k"
+        )
     d_c = D - C
     q_lane = np.broadcast_to(lanes.query, q.shape[:-1] + (C,))
     k_lane = np.broadcast_to(lanes.key, k.shape[:-1] + (C,))

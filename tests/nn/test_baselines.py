@@ -42,7 +42,11 @@ BASE = 10000.0
 
 def _qkv(seed, *, L=L, S=S, D=D, Dv=DV):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(B, H, L, D)), rng.normal(size=(B, H, S, D)), rng.normal(size=(B, H, S, Dv))
+    return (
+        rng.normal(size=(B, H, L, D)),
+        rng.normal(size=(B, H, S, D)),
+        rng.normal(size=(B, H, S, Dv)),
+    )
 
 
 def _t(*arrays, dtype=torch.float64):
@@ -73,13 +77,18 @@ def _np_encode(name, encoding, q, k, qpos, kpos):
     if name == "nope":
         return q, k
     if name == "learned":
-        tq, tk = encoding.query_table.detach().numpy(), encoding.key_table.detach().numpy()
+        tq, tk = (
+            encoding.query_table.detach().numpy(),
+            encoding.key_table.detach().numpy(),
+        )
         return q + np.moveaxis(tq[qpos], 0, 1), k + np.moveaxis(tk[kpos], 0, 1)
     if name == "sinusoidal":
         return q + _np_sinusoid(qpos, D), k + _np_sinusoid(kpos, D)
     if name == "rope":
-        return (np.einsum("nde,bhne->bhnd", _np_rotations(qpos, D), q),
-                np.einsum("nde,bhne->bhnd", _np_rotations(kpos, D), k))
+        return (
+            np.einsum("nde,bhne->bhnd", _np_rotations(qpos, D), q),
+            np.einsum("nde,bhne->bhnd", _np_rotations(kpos, D), k),
+        )
     raise AssertionError(name)
 
 
@@ -104,18 +113,33 @@ CASES = [(L, S, False, 0), (S, S, True, 0), (S, S, True, 50), (1, S, False, 0)]
 def test_content_baselines_equal_numpy(name, Lq, Sk, causal, offset):
     q, k, v = _qkv(1, L=Lq, S=Sk)
     kpos = np.arange(Sk) + offset
-    qpos = kpos[Sk - Lq:]
+    qpos = kpos[Sk - Lq :]
     encoding = _make(name)
-    got = positional_attention(*_t(q, k, v), encoding, causal=causal,
-                               query_pos=torch.tensor(qpos), key_pos=torch.tensor(kpos))
+    got = positional_attention(
+        *_t(q, k, v),
+        encoding,
+        causal=causal,
+        query_pos=torch.tensor(qpos),
+        key_pos=torch.tensor(kpos),
+    )
     q_enc, k_enc = _np_encode(name, encoding, q, k, qpos, kpos)
-    want = prior_attention(q_enc, k_enc, v, log_prior=causal_log_prior(Lq, Sk) if causal else None, scale=D**-0.5)
+    want = prior_attention(
+        q_enc,
+        k_enc,
+        v,
+        log_prior=causal_log_prior(Lq, Sk) if causal else None,
+        scale=D**-0.5,
+    )
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=0, atol=FLOAT64_TOL)
 
 
 def _alibi_log_prior(encoding, Lq, Sk, qpos, kpos):
-    return np.stack([alibi_log_prior(Lq, Sk, slope=float(m), query_pos=qpos, key_pos=kpos)
-                     for m in encoding.slopes.numpy()])  # (H, L, S)
+    return np.stack(
+        [
+            alibi_log_prior(Lq, Sk, slope=float(m), query_pos=qpos, key_pos=kpos)
+            for m in encoding.slopes.numpy()
+        ]
+    )  # (H, L, S)
 
 
 @pytest.mark.parametrize("offset", [0, 10**6])
@@ -124,11 +148,20 @@ def test_alibi_equals_numpy_alibi_log_prior(Lq, causal, offset):
     """Causal self-attention, and decoding where every key precedes every query (no mask)."""
     q, k, v = _qkv(2, L=Lq)
     kpos = np.arange(S) + offset
-    qpos = kpos[S - Lq:] if causal else np.arange(Lq) + kpos[-1] + 1  # decoding: queries after the cache
+    qpos = (
+        kpos[S - Lq :] if causal else np.arange(Lq) + kpos[-1] + 1
+    )  # decoding: queries after the cache
     encoding = _make("alibi")
-    got = positional_attention(*_t(q, k, v), encoding, causal=causal,
-                               query_pos=torch.tensor(qpos), key_pos=torch.tensor(kpos))
-    want = prior_attention(q, k, v, log_prior=_alibi_log_prior(encoding, Lq, S, qpos, kpos))
+    got = positional_attention(
+        *_t(q, k, v),
+        encoding,
+        causal=causal,
+        query_pos=torch.tensor(qpos),
+        key_pos=torch.tensor(kpos),
+    )
+    want = prior_attention(
+        q, k, v, log_prior=_alibi_log_prior(encoding, Lq, S, qpos, kpos)
+    )
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=FLOAT64_TOL)
 
 
@@ -137,12 +170,16 @@ def test_alibi_lane_equals_log_prior_up_to_row_constants_eq_alibi_key_linear():
     pos = np.arange(S) + 1000
     encoding = ALiBi(H, lane_parts=1)
     q_enc, k_enc = encoding(*_t(q, k), torch.tensor(pos), torch.tensor(pos), scale=1.0)
-    lane = torch.einsum("bhid,bhjd->bhij", q_enc[..., D:], k_enc[..., D:]).numpy()  # (B, H, L, S), test only
+    lane = torch.einsum(
+        "bhid,bhjd->bhij", q_enc[..., D:], k_enc[..., D:]
+    ).numpy()  # (B, H, L, S), test only
     log_prior = _alibi_log_prior(encoding, S, S, pos, pos)
     visible = np.isfinite(log_prior)
     diff = np.where(visible, lane - log_prior, np.nan)
     row_constant = np.nanmean(diff, axis=-1, keepdims=True)
-    np.testing.assert_allclose(np.where(visible, diff - row_constant, 0.0), 0.0, rtol=0, atol=FLOAT64_TOL)
+    np.testing.assert_allclose(
+        np.where(visible, diff - row_constant, 0.0), 0.0, rtol=0, atol=FLOAT64_TOL
+    )
     # The row constant is -m (qpos_i - max qpos): zero for the newest query, the re-centring point.
     np.testing.assert_allclose(row_constant[..., -1, 0], 0.0, rtol=0, atol=FLOAT64_TOL)
 
@@ -154,10 +191,21 @@ def test_alibi_recentring_keeps_float32_exact_at_offset_1e6():
     outs = []
     for offset in (0, 10**6):
         pos = torch.arange(S) + offset
-        outs.append(positional_attention(*_t(q, k, v, dtype=torch.float32), encoding, causal=True,
-                                         query_pos=pos, key_pos=pos))
-    want = prior_attention(q, k, v, log_prior=_alibi_log_prior(encoding, S, S, np.arange(S), np.arange(S)))
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # the offset disappears exactly
+        outs.append(
+            positional_attention(
+                *_t(q, k, v, dtype=torch.float32),
+                encoding,
+                causal=True,
+                query_pos=pos,
+                key_pos=pos,
+            )
+        )
+    want = prior_attention(
+        q, k, v, log_prior=_alibi_log_prior(encoding, S, S, np.arange(S), np.arange(S))
+    )
+    torch.testing.assert_close(
+        outs[1], outs[0], rtol=0, atol=0
+    )  # the offset disappears exactly
     np.testing.assert_allclose(outs[1].numpy(), want, rtol=0, atol=FLASH_VS_MATH_TOL)
 
 
@@ -174,14 +222,24 @@ def test_alibi_lane_split_restores_bf16_accuracy():
     for parts in (1, 2, 3):
         encoding = ALiBi(2, slopes=[0.5, 0.25], lane_parts=parts)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            got = positional_attention(*_t(q, k, v, dtype=torch.bfloat16), encoding, causal=True)
-        want = prior_attention(q, k, v, log_prior=_alibi_log_prior(encoding, Ll, Ll, np.arange(Ll), np.arange(Ll)))
+            got = positional_attention(
+                *_t(q, k, v, dtype=torch.bfloat16), encoding, causal=True
+            )
+        want = prior_attention(
+            q,
+            k,
+            v,
+            log_prior=_alibi_log_prior(encoding, Ll, Ll, np.arange(Ll), np.arange(Ll)),
+        )
         errors[parts] = np.abs(got.double().numpy() - want).max()
     assert errors[1] > 0.2, errors
     assert errors[2] < 3e-2 and errors[3] < 3e-2, errors
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, ROPE_SHIFT_TOL_FLOAT64), (torch.float32, ROPE_SHIFT_TOL_FLOAT32)])
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [(torch.float64, ROPE_SHIFT_TOL_FLOAT64), (torch.float32, ROPE_SHIFT_TOL_FLOAT32)],
+)
 @pytest.mark.parametrize("shift", [1, 1000, 10**5])
 def test_rope_scores_depend_only_on_the_lag(dtype, tol, shift):
     q, k, _ = _qkv(6, L=S)
@@ -190,7 +248,9 @@ def test_rope_scores_depend_only_on_the_lag(dtype, tol, shift):
     scores = []
     for p in (pos, pos + shift):
         q_enc, k_enc = rope(q, k, p, p, scale=1.0)
-        scores.append(torch.einsum("bhid,bhjd->bhij", q_enc, k_enc))  # test only: L x S on purpose
+        scores.append(
+            torch.einsum("bhid,bhjd->bhij", q_enc, k_enc)
+        )  # test only: L x S on purpose
     torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=tol)
 
 
@@ -198,7 +258,9 @@ def test_rope_preserves_norms():
     q, _, _ = _qkv(7)
     qt = torch.tensor(q)
     rotated = RoPE(D).rotate(qt, torch.arange(L) + 12345)
-    torch.testing.assert_close(rotated.norm(dim=-1), qt.norm(dim=-1), rtol=0, atol=FLOAT64_TOL)
+    torch.testing.assert_close(
+        rotated.norm(dim=-1), qt.norm(dim=-1), rtol=0, atol=FLOAT64_TOL
+    )
 
 
 def _run_with_grads(encoding, q, k, v, causal):
@@ -220,7 +282,9 @@ def test_flash_backend_runs_and_equals_math_path(name, causal):
         math_out, math_grads = _run_with_grads(encoding, q, k, v, causal)
     torch.testing.assert_close(flash_out, math_out, rtol=0, atol=FLASH_VS_MATH_TOL)
     for flash_grad, math_grad in zip(flash_grads, math_grads):
-        torch.testing.assert_close(flash_grad, math_grad, rtol=0, atol=FLASH_VS_MATH_TOL)
+        torch.testing.assert_close(
+            flash_grad, math_grad, rtol=0, atol=FLASH_VS_MATH_TOL
+        )
 
 
 def test_baselines_share_one_interface():
@@ -228,7 +292,9 @@ def test_baselines_share_one_interface():
         encoding = _make(name)
         assert isinstance(encoding, PositionalEncoding)
         q, k = _t(*_qkv(9)[:2])
-        q_enc, k_enc = encoding(q, k, torch.arange(S - L, S), torch.arange(S), scale=1.0)
+        q_enc, k_enc = encoding(
+            q, k, torch.arange(S - L, S), torch.arange(S), scale=1.0
+        )
         assert q_enc.shape == (B, H, L, D + encoding.extra_channels)
         assert k_enc.shape == (B, H, S, D + encoding.extra_channels)
 
@@ -253,10 +319,34 @@ def test_encodings_reject_bad_configuration(build, match):
     [
         ("alibi", L, False, {}, "key-linear prior"),
         ("nope", L, True, {}, "causal=True needs L == S"),
-        ("nope", S, True, dict(query_pos=torch.arange(S) + 1), "query_pos must equal key_pos"),
-        ("nope", L, False, dict(query_pos=torch.arange(L, dtype=torch.float64)), "integer positions"),
-        ("nope", L, False, dict(key_pos=torch.arange(S + 1)), r"key_pos must have shape"),
-        ("learned", L, False, dict(query_pos=torch.arange(L), key_pos=torch.arange(S) + 60), r"key_pos must lie in \[0, 64\)"),
+        (
+            "nope",
+            S,
+            True,
+            dict(query_pos=torch.arange(S) + 1),
+            "query_pos must equal key_pos",
+        ),
+        (
+            "nope",
+            L,
+            False,
+            dict(query_pos=torch.arange(L, dtype=torch.float64)),
+            "integer positions",
+        ),
+        (
+            "nope",
+            L,
+            False,
+            dict(key_pos=torch.arange(S + 1)),
+            r"key_pos must have shape",
+        ),
+        (
+            "learned",
+            L,
+            False,
+            dict(query_pos=torch.arange(L), key_pos=torch.arange(S) + 60),
+            r"key_pos must lie in \[0, 64\)",
+        ),
         ("rope", L, False, dict(scale=0.0), "scale must be a positive finite"),
     ],
 )
@@ -278,8 +368,13 @@ def test_positional_attention_rejects_a_non_encoding():
 def test_baselines_on_cuda_equal_cpu(name):
     q, k, v = _t(*_qkv(12, L=64, S=64, D=64, Dv=64), dtype=torch.float32)
     torch.manual_seed(0)
-    encoding = {"learned": lambda: LearnedAbsolute(64, H, 64), "sinusoidal": lambda: SinusoidalAbsolute(64),
-                "rope": lambda: RoPE(64)}.get(name, lambda: _make(name))()
+    encoding = {
+        "learned": lambda: LearnedAbsolute(64, H, 64),
+        "sinusoidal": lambda: SinusoidalAbsolute(64),
+        "rope": lambda: RoPE(64),
+    }.get(name, lambda: _make(name))()
     want = positional_attention(q, k, v, encoding, causal=True)
-    got = positional_attention(q.cuda(), k.cuda(), v.cuda(), encoding.cuda(), causal=True)
+    got = positional_attention(
+        q.cuda(), k.cuda(), v.cuda(), encoding.cuda(), causal=True
+    )
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)

@@ -13,7 +13,9 @@ import types
 import pytest
 
 torch = pytest.importorskip("torch")
-goat = pytest.importorskip("goat", reason="the authors' package goat-attention (make test installs it)")
+goat = pytest.importorskip(
+    "goat", reason="the authors' package goat-attention (make test installs it)"
+)
 
 from otattn import spectral  # noqa: E402
 from otattn.nn.convert import goat_to_otattn  # noqa: E402
@@ -27,19 +29,49 @@ FLOAT64_TOL = 1e-12
 # output errors 1e-6 in float32, 3e-7 in float64, at L = 40).
 PEER_TOL = 1e-5
 
-E, H, L, B, TRAIN_LEN = 64, 4, 40, 2, 32  # L > TRAIN_LEN: positions beyond the training length
+E, H, L, B, TRAIN_LEN = (
+    64,
+    4,
+    40,
+    2,
+    32,
+)  # L > TRAIN_LEN: positions beyond the training length
 
 # id -> (constructor, causal).  Head size 16; their R = 0 and M = 0 take our padding path.
 CONFIGS = {
-    "gpt-gqa-causal": (lambda: goat.GoatAttention.for_gpt(E, H, kv_num_heads=2, training_seq_len=TRAIN_LEN), True),
-    "relative-sink-causal": (
-        lambda: goat.GoatAttention(E, H, batch_first=True, pos_rank=3, abs_rank=4, bias=False, training_seq_len=TRAIN_LEN),
+    "gpt-gqa-causal": (
+        lambda: goat.GoatAttention.for_gpt(
+            E, H, kv_num_heads=2, training_seq_len=TRAIN_LEN
+        ),
         True,
     ),
-    "bert-mqa": (lambda: goat.GoatAttention.for_bert(E, H, kv_num_heads=1, pos_rank=2, training_seq_len=TRAIN_LEN), False),
-    "no-sink-seq-first": (lambda: goat.GoatAttention(E, H, pos_rank=2, enable_key_bias=False), False),
+    "relative-sink-causal": (
+        lambda: goat.GoatAttention(
+            E,
+            H,
+            batch_first=True,
+            pos_rank=3,
+            abs_rank=4,
+            bias=False,
+            training_seq_len=TRAIN_LEN,
+        ),
+        True,
+    ),
+    "bert-mqa": (
+        lambda: goat.GoatAttention.for_bert(
+            E, H, kv_num_heads=1, pos_rank=2, training_seq_len=TRAIN_LEN
+        ),
+        False,
+    ),
+    "no-sink-seq-first": (
+        lambda: goat.GoatAttention(E, H, pos_rank=2, enable_key_bias=False),
+        False,
+    ),
     "no-sink-frequencies": (
-        lambda: goat.GoatAttention.for_gpt(E, H, pos_rank=2, abs_rank=0, training_seq_len=TRAIN_LEN), True,
+        lambda: goat.GoatAttention.for_gpt(
+            E, H, pos_rank=2, abs_rank=0, training_seq_len=TRAIN_LEN
+        ),
+        True,
     ),
 }
 
@@ -55,7 +87,9 @@ def _theirs(seed: int, name: str):
             std = 1 / math.sqrt(p.shape[-1]) if "proj" in pname else 1.0
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     if module.enable_key_bias:
-        module.set_goat_prior_scale(0.7)  # a schedule value, folded into our sink weights
+        module.set_goat_prior_scale(
+            0.7
+        )  # a schedule value, folded into our sink weights
     return module.eval(), causal
 
 
@@ -74,18 +108,29 @@ def _exact_features(module):
     in float32 by their ``to``) the sink MLP are the only float32 steps of their float64
     forward; with them in float64 a parity test can be tight.
     """
+
     def fourier(n, base):
         omega = torch.as_tensor(spectral.goat_frequencies(max(n, 1), base=base))[:n]
 
         def features(self, length, dtype, device, offset=0):
-            phase = (offset + torch.arange(length, dtype=torch.float64))[:, None] * omega
-            return torch.cat([phase.cos(), phase.sin()], dim=-1).to(dtype=dtype, device=device)
+            phase = (offset + torch.arange(length, dtype=torch.float64))[
+                :, None
+            ] * omega
+            return torch.cat([phase.cos(), phase.sin()], dim=-1).to(
+                dtype=dtype, device=device
+            )
+
         return features
 
     def augment(self, abs_fourier, pos_offset):
-        t = (pos_offset + torch.arange(abs_fourier.shape[0], dtype=torch.float64))[:, None]
+        t = (pos_offset + torch.arange(abs_fourier.shape[0], dtype=torch.float64))[
+            :, None
+        ]
         denom = float(self.training_seq_len)
-        return torch.cat([abs_fourier.double(), t / denom, torch.log1p(t) / math.log1p(denom)], dim=-1)
+        return torch.cat(
+            [abs_fourier.double(), t / denom, torch.log1p(t) / math.log1p(denom)],
+            dim=-1,
+        )
 
     module._get_rel_feats = types.MethodType(fourier(module.R, 10_000.0), module)
     module._get_abs_feats = types.MethodType(fourier(module.M, 10_000.0), module)
@@ -119,7 +164,9 @@ def test_converted_layer_equals_unmodified_peer(name, dtype):
     assert ours.q_proj.weight.dtype == dtype and not ours.training
     x = torch.randn(B, L, E, dtype=dtype)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), _call(module, x, causal), rtol=0, atol=PEER_TOL)
+        torch.testing.assert_close(
+            ours(x), _call(module, x, causal), rtol=0, atol=PEER_TOL
+        )
 
 
 def test_key_padding_mask_converts_to_key_mask():
@@ -133,7 +180,9 @@ def test_key_padding_mask_converts_to_key_mask():
     x = torch.randn(B, L, E, dtype=torch.float64)
     with torch.no_grad():
         want = _call(module, x, causal, key_padding_mask=ignore)
-        torch.testing.assert_close(ours(x, key_mask=~ignore), want, rtol=0, atol=FLOAT64_TOL)
+        torch.testing.assert_close(
+            ours(x, key_mask=~ignore), want, rtol=0, atol=FLOAT64_TOL
+        )
 
 
 def _small(**options):

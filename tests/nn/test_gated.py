@@ -50,18 +50,33 @@ def _log_prior(causal, L, S):
 
 
 # (L, S, Dv, causal): L != S without a mask, D != Dv (the padded path), and causal L == S.
-SHAPES = [(L, S, DV, False), (L, L, DV, True), (L, S, D, False), (1, S, DV, False), (L, L, D + 2, True)]
+SHAPES = [
+    (L, S, DV, False),
+    (L, L, DV, True),
+    (L, S, D, False),
+    (1, S, DV, False),
+    (L, L, D + 2, True),
+]
 
 
 @pytest.mark.parametrize("kind", ["elementwise", "headwise"])
 @pytest.mark.parametrize("Lq, Sk, Dv, causal", SHAPES)
 def test_gated_attention_equals_numpy_eq_gated(kind, Lq, Sk, Dv, causal):
-    arrays, tensors = _tensors(1, L=Lq, S=Sk, Dv=Dv, G=Dv if kind == "elementwise" else 1)
+    arrays, tensors = _tensors(
+        1, L=Lq, S=Sk, Dv=Dv, G=Dv if kind == "elementwise" else 1
+    )
     got = gated_attention(**tensors, causal=causal)
     want = np_gating.gated_attention(**arrays, log_prior=_log_prior(causal, Lq, Sk))
     for field in ("out", "attention", "gate"):
-        np.testing.assert_allclose(getattr(got, field).numpy(), getattr(want, field), rtol=0, atol=FLOAT64_TOL)
-    np.testing.assert_allclose(gate_values(tensors["x"], tensors["w_gate"]).numpy(), want.gate, rtol=0, atol=FLOAT64_TOL)
+        np.testing.assert_allclose(
+            getattr(got, field).numpy(), getattr(want, field), rtol=0, atol=FLOAT64_TOL
+        )
+    np.testing.assert_allclose(
+        gate_values(tensors["x"], tensors["w_gate"]).numpy(),
+        want.gate,
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
 
 
 @pytest.mark.parametrize("kind", ["elementwise", "headwise"])
@@ -74,9 +89,13 @@ def test_gated_attention_gradients_equal_numpy_eq_gated_backward(kind, causal):
     grad_out = np.random.default_rng(3).normal(size=(B, H, L, DV))
     out = gated_attention(**tensors, causal=causal).out
     out.backward(torch.tensor(grad_out))
-    want = np_gating.gated_attention_backward(grad_out, **arrays, log_prior=_log_prior(causal, L, Sk))
+    want = np_gating.gated_attention_backward(
+        grad_out, **arrays, log_prior=_log_prior(causal, L, Sk)
+    )
     for name, t in tensors.items():
-        np.testing.assert_allclose(t.grad.numpy(), getattr(want, name), rtol=0, atol=FLOAT64_TOL, err_msg=name)
+        np.testing.assert_allclose(
+            t.grad.numpy(), getattr(want, name), rtol=0, atol=FLOAT64_TOL, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("kind", ["elementwise", "headwise"])
@@ -84,7 +103,9 @@ def test_gradcheck_gate_weights_and_input(kind):
     _, tensors = _tensors(4, S=L, G=DV if kind == "elementwise" else 1)
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     x, w = tensors["x"].requires_grad_(True), tensors["w_gate"].requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, w: gated_attention(q, k, v, x, w, causal=True).out, (x, w))
+    assert torch.autograd.gradcheck(
+        lambda x, w: gated_attention(q, k, v, x, w, causal=True).out, (x, w)
+    )
 
 
 # Sink logits: a scalar (off by one), one per head (H, 1), one per query (B, H, L).
@@ -100,12 +121,24 @@ SINK_LOGITS = {
 def test_sink_attention_equals_numpy_eq_sink_gate(logit_kind, Lq, Sk, Dv, causal):
     arrays, tensors = _tensors(5, L=Lq, S=Sk, Dv=Dv)
     b = SINK_LOGITS[logit_kind](np.random.default_rng(6), Lq)
-    got = sink_attention(tensors["q"], tensors["k"], tensors["v"], sink_logit=torch.as_tensor(b), causal=causal)
+    got = sink_attention(
+        tensors["q"],
+        tensors["k"],
+        tensors["v"],
+        sink_logit=torch.as_tensor(b),
+        causal=causal,
+    )
     want = np_attention.sink_attention(
-        arrays["q"], arrays["k"], arrays["v"], sink_logit=b, log_prior=_log_prior(causal, Lq, Sk)
+        arrays["q"],
+        arrays["k"],
+        arrays["v"],
+        sink_logit=b,
+        log_prior=_log_prior(causal, Lq, Sk),
     )
     for field in ("out", "sink_weight", "lse"):
-        np.testing.assert_allclose(getattr(got, field).numpy(), getattr(want, field), rtol=0, atol=FLOAT64_TOL)
+        np.testing.assert_allclose(
+            getattr(got, field).numpy(), getattr(want, field), rtol=0, atol=FLOAT64_TOL
+        )
 
 
 def test_gradcheck_sink_attention():
@@ -138,7 +171,12 @@ def test_sink_is_headwise_gate_eq_sink_is_gate():
     b = torch.tensor([[-1.0], [0.0], [2.0]], dtype=torch.float64)
     sink = sink_attention(q, k, v, sink_logit=b, causal=True)
     gate = torch.sigmoid(sink.lse - b)  # eq-sink-is-gate
-    torch.testing.assert_close(sink.out, gate[..., None] * fused_attention(q, k, v, causal=True), rtol=0, atol=FLOAT64_TOL)
+    torch.testing.assert_close(
+        sink.out,
+        gate[..., None] * fused_attention(q, k, v, causal=True),
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
 
 
 def _run_with_grads(fn, tensors):
@@ -150,10 +188,18 @@ def _run_with_grads(fn, tensors):
 
 
 FAST_PATHS = {
-    "gated": lambda causal: lambda q, k, v, x, w_gate: gated_attention(q, k, v, x, w_gate, causal=causal).out,
-    "sink": lambda causal: lambda q, k, v, x, w_gate: sink_attention(
-        q, k, v, sink_logit=x.sum(-1)[:, None, :] + w_gate.sum(), causal=causal
-    ).out,
+    "gated": lambda causal: (
+        lambda q, k, v, x, w_gate: (
+            gated_attention(q, k, v, x, w_gate, causal=causal).out
+        )
+    ),
+    "sink": lambda causal: (
+        lambda q, k, v, x, w_gate: (
+            sink_attention(
+                q, k, v, sink_logit=x.sum(-1)[:, None, :] + w_gate.sum(), causal=causal
+            ).out
+        )
+    ),
 }
 
 
@@ -162,7 +208,9 @@ FAST_PATHS = {
 @pytest.mark.parametrize("Dv", [D, DV])
 def test_flash_backend_runs_and_equals_math_path(path, causal, Dv):
     _, tensors = _tensors(10, L=16, S=16, Dv=Dv, G=Dv, dtype=torch.float32)
-    tensors["x"] = 0.1 * tensors["x"]  # keep the per-query sink logits of the "sink" path moderate
+    tensors["x"] = (
+        0.1 * tensors["x"]
+    )  # keep the per-query sink logits of the "sink" path moderate
     fn = FAST_PATHS[path](causal)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises on any fallback
         flash_out, flash_grads = _run_with_grads(fn, tensors)
@@ -170,7 +218,13 @@ def test_flash_backend_runs_and_equals_math_path(path, causal, Dv):
         math_out, math_grads = _run_with_grads(fn, tensors)
     torch.testing.assert_close(flash_out, math_out, rtol=0, atol=FLASH_VS_MATH_TOL)
     for name in tensors:
-        torch.testing.assert_close(flash_grads[name], math_grads[name], rtol=0, atol=FLASH_VS_MATH_TOL, msg=name)
+        torch.testing.assert_close(
+            flash_grads[name],
+            math_grads[name],
+            rtol=0,
+            atol=FLASH_VS_MATH_TOL,
+            msg=name,
+        )
 
 
 @pytest.mark.parametrize("gate", ["elementwise", "headwise"])
@@ -182,11 +236,19 @@ def test_gated_module_equals_numpy_composition(gate):
     got = layer(x).detach().numpy()
     xn = x.numpy()
     Hh, Dh = config.n_heads, config.head_dim
-    qkv = np.einsum("blm,om->blo", xn, layer.qkv.weight.detach().numpy()).reshape(B, L, 3, Hh, Dh)
+    qkv = np.einsum("blm,om->blo", xn, layer.qkv.weight.detach().numpy()).reshape(
+        B, L, 3, Hh, Dh
+    )
     q, k, v = (np.moveaxis(qkv[:, :, i], 2, 1) for i in range(3))  # (B, H, L, Dh)
     w_gate = layer.gate_proj.weight.detach().numpy().T.reshape(8, Hh, -1)
-    y = np_gating.gated_attention(q, k, v, xn, w_gate, log_prior=causal_log_prior(L, L)).out
-    want = np.einsum("blo,mo->blm", np.moveaxis(y, 1, 2).reshape(B, L, Hh * Dh), layer.out_proj.weight.detach().numpy())
+    y = np_gating.gated_attention(
+        q, k, v, xn, w_gate, log_prior=causal_log_prior(L, L)
+    ).out
+    want = np.einsum(
+        "blo,mo->blm",
+        np.moveaxis(y, 1, 2).reshape(B, L, Hh * Dh),
+        layer.out_proj.weight.detach().numpy(),
+    )
     np.testing.assert_allclose(got, want, rtol=0, atol=FLOAT64_TOL)
 
 
@@ -195,7 +257,10 @@ def test_gated_module_runs_on_flash_backend():
     x = torch.randn(2, 32, 16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         layer(x).square().sum().backward()
-    assert layer.gate_proj.weight.grad is not None and torch.isfinite(layer.gate_proj.weight.grad).all()
+    assert (
+        layer.gate_proj.weight.grad is not None
+        and torch.isfinite(layer.gate_proj.weight.grad).all()
+    )
 
 
 @pytest.mark.parametrize(
@@ -203,7 +268,10 @@ def test_gated_module_runs_on_flash_backend():
     [
         (dict(d_model=8, n_heads=3), "not divisible"),
         (dict(d_model=8, n_heads=0), "n_heads must be a positive integer"),
-        (dict(d_model=8, n_heads=2, gate="channel"), "gate must be 'elementwise' or 'headwise'"),
+        (
+            dict(d_model=8, n_heads=2, gate="channel"),
+            "gate must be 'elementwise' or 'headwise'",
+        ),
         (dict(d_model=8, n_heads=2, head_dim=0), "head_dim must be a positive integer"),
     ],
 )
@@ -221,16 +289,54 @@ def _bad(**changes):
 @pytest.mark.parametrize(
     "tensors, causal, match",
     [
-        (_bad(q=torch.zeros(H, L, D, dtype=torch.float64)), False, r"q must be a 4-D tensor"),
-        (_bad(k=torch.zeros(B, H, L, D + 1, dtype=torch.float64)), False, "share the head dimension"),
-        (_bad(v=torch.zeros(B, H, L + 1, DV, dtype=torch.float64)), False, "same number of keys"),
-        (_bad(q=torch.zeros(B, H, L, D, dtype=torch.float32)), False, "share one dtype"),
-        (_bad(k=torch.zeros(B, H, S, D, dtype=torch.float64), v=torch.zeros(B, H, S, DV, dtype=torch.float64)),
-         True, "causal=True needs L == S"),
-        (_bad(x=torch.zeros(B, L, M + 1, dtype=torch.float64)), False, "w_gate expects M"),
-        (_bad(w_gate=torch.zeros(M, H, 2, dtype=torch.float64)), False, "1 \\(headwise\\) or Dv"),
-        (_bad(w_gate=torch.zeros(M, H + 1, 1, dtype=torch.float64)), False, "one column block per head"),
-        (_bad(x=torch.zeros(B, L + 1, M, dtype=torch.float64)), False, "x must have shape"),
+        (
+            _bad(q=torch.zeros(H, L, D, dtype=torch.float64)),
+            False,
+            r"q must be a 4-D tensor",
+        ),
+        (
+            _bad(k=torch.zeros(B, H, L, D + 1, dtype=torch.float64)),
+            False,
+            "share the head dimension",
+        ),
+        (
+            _bad(v=torch.zeros(B, H, L + 1, DV, dtype=torch.float64)),
+            False,
+            "same number of keys",
+        ),
+        (
+            _bad(q=torch.zeros(B, H, L, D, dtype=torch.float32)),
+            False,
+            "share one dtype",
+        ),
+        (
+            _bad(
+                k=torch.zeros(B, H, S, D, dtype=torch.float64),
+                v=torch.zeros(B, H, S, DV, dtype=torch.float64),
+            ),
+            True,
+            "causal=True needs L == S",
+        ),
+        (
+            _bad(x=torch.zeros(B, L, M + 1, dtype=torch.float64)),
+            False,
+            "w_gate expects M",
+        ),
+        (
+            _bad(w_gate=torch.zeros(M, H, 2, dtype=torch.float64)),
+            False,
+            "1 \\(headwise\\) or Dv",
+        ),
+        (
+            _bad(w_gate=torch.zeros(M, H + 1, 1, dtype=torch.float64)),
+            False,
+            "one column block per head",
+        ),
+        (
+            _bad(x=torch.zeros(B, L + 1, M, dtype=torch.float64)),
+            False,
+            "x must have shape",
+        ),
     ],
 )
 def test_gated_attention_rejects_bad_input(tensors, causal, match):
@@ -258,9 +364,16 @@ def test_gated_and_sink_on_cuda_equal_cpu():
     _, tensors = _tensors(14, L=64, S=64, D=64, Dv=64, G=64, dtype=torch.float32)
     cuda = {n: t.cuda() for n, t in tensors.items()}
     torch.testing.assert_close(
-        gated_attention(**cuda, causal=True).out.cpu(), gated_attention(**tensors, causal=True).out, rtol=0, atol=1e-5
+        gated_attention(**cuda, causal=True).out.cpu(),
+        gated_attention(**tensors, causal=True).out,
+        rtol=0,
+        atol=1e-5,
     )
     b = torch.tensor([[-1.0], [0.5], [3.0]])
-    got = sink_attention(cuda["q"], cuda["k"], cuda["v"], sink_logit=b.cuda(), causal=True)
-    want = sink_attention(tensors["q"], tensors["k"], tensors["v"], sink_logit=b, causal=True)
+    got = sink_attention(
+        cuda["q"], cuda["k"], cuda["v"], sink_logit=b.cuda(), causal=True
+    )
+    want = sink_attention(
+        tensors["q"], tensors["k"], tensors["v"], sink_logit=b, causal=True
+    )
     torch.testing.assert_close(got.out.cpu(), want.out, rtol=0, atol=1e-5)

@@ -17,7 +17,9 @@ DECODE_TOL = 1e-11
 
 def _layer(seed, **overrides):
     torch.manual_seed(seed)
-    cfg = dict(n_embd=32, n_head=4, n_kv_head=2, rank=2, sink_hidden=4, sink_freq=2, length=8)
+    cfg = dict(
+        n_embd=32, n_head=4, n_kv_head=2, rank=2, sink_hidden=4, sink_freq=2, length=8
+    )
     layer = GoatAttention(GoatConfig(**{**cfg, **overrides})).double()
     with torch.no_grad():  # a trained-looking prior: every parameter nonzero
         for p in layer.prior.parameters():
@@ -37,8 +39,13 @@ def test_kv_cache_decoding_equals_full_causal_forward(offset):
     cache = layer.new_cache(B)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         steps = [layer(x[:, :3], positions=pos[:3], cache=cache)]
-        steps += [layer(x[:, i:i + 1], positions=pos[i:i + 1], cache=cache) for i in range(3, 6)]
-        steps.append(layer(x[:, 6:], positions=pos[6:], cache=cache))  # a block of 3 after the cache
+        steps += [
+            layer(x[:, i : i + 1], positions=pos[i : i + 1], cache=cache)
+            for i in range(3, 6)
+        ]
+        steps.append(
+            layer(x[:, 6:], positions=pos[6:], cache=cache)
+        )  # a block of 3 after the cache
     assert len(cache) == L and torch.equal(cache.positions, pos)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=DECODE_TOL)
 
@@ -51,7 +58,10 @@ def test_kv_cache_decoding_with_key_mask():
     full = layer(x, key_mask=mask)
     cache = layer.new_cache(2)
     steps = [layer(x[:, :2], key_mask=mask[:, :2], cache=cache)]
-    steps += [layer(x[:, i:i + 1], key_mask=mask[:, :i + 1], cache=cache) for i in range(2, 6)]
+    steps += [
+        layer(x[:, i : i + 1], key_mask=mask[:, : i + 1], cache=cache)
+        for i in range(2, 6)
+    ]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=DECODE_TOL)
 
 
@@ -65,7 +75,11 @@ def test_uniform_init_is_standard_attention(causal):
     q = layer.q_proj(x).view(B, L, H, d_c).transpose(1, 2)
     k = layer.k_proj(x).view(B, L, H, d_c).transpose(1, 2)
     v = layer.v_proj(x).view(B, L, H, 8).transpose(1, 2)
-    want = layer.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, L, 32))
+    want = layer.out_proj(
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        .transpose(1, 2)
+        .reshape(B, L, 32)
+    )
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6)
 
@@ -75,7 +89,16 @@ def test_bf16_layer_is_accurate_at_every_query_with_a_split_sink_lane(sink_parts
     """ALiBi-seeded recency, L = 512 in bf16 (outputs up to ~0.7): with the sink lane in 3 channels every query is
     as accurate as near the origin; in 1 channel the early queries (lane values m |p - origin| ~ 128) are not."""
     torch.manual_seed(5)
-    layer = GoatAttention(GoatConfig(n_embd=64, n_head=4, rank=4, init="alibi", sink_hidden=0, sink_parts=sink_parts))
+    layer = GoatAttention(
+        GoatConfig(
+            n_embd=64,
+            n_head=4,
+            rank=4,
+            init="alibi",
+            sink_hidden=0,
+            sink_parts=sink_parts,
+        )
+    )
     x = torch.randn(1, 512, 64)
     ref = layer.double()(x.double())
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -85,7 +108,9 @@ def test_bf16_layer_is_accurate_at_every_query_with_a_split_sink_lane(sink_parts
     if sink_parts == 3:
         assert err.max() < 1e-2  # measured 3.0e-3
     else:
-        assert err[:64].max() > 2e-2  # measured 4.7e-2: the defect the split removes (DESIGN §2.5b)
+        assert (
+            err[:64].max() > 2e-2
+        )  # measured 4.7e-2: the defect the split removes (DESIGN §2.5b)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +155,9 @@ def test_gate_multiplies_the_goat_output_before_the_projection(gate, width):
             p.copy_(dict(gated.named_parameters())[name])
     x = torch.randn(2, 6, 32, dtype=torch.float64)
     heads = []
-    handle = plain.out_proj.register_forward_hook(lambda module, inputs, output: heads.append(inputs[0]))
+    handle = plain.out_proj.register_forward_hook(
+        lambda module, inputs, output: heads.append(inputs[0])
+    )
     plain(x)
     handle.remove()
     w = gated.gate_proj.weight.T.reshape(32, 4, width)

@@ -32,9 +32,13 @@ SHAPES = [(5, 9), (7, 7), (1, 4)]
 OFFSETS = [0, 10**3, 10**6]
 
 
-def _random_prior(seed: int, H: int, R: int, *, G: int | None = None, length: int = 16) -> GoatPrior:
+def _random_prior(
+    seed: int, H: int, R: int, *, G: int | None = None, length: int = 16
+) -> GoatPrior:
     torch.manual_seed(seed)
-    prior = GoatPrior(H, R, n_kv_head=G, sink_hidden=3, sink_freq=2, length=length, recency=True).double()
+    prior = GoatPrior(
+        H, R, n_kv_head=G, sink_hidden=3, sink_freq=2, length=length, recency=True
+    ).double()
     with torch.no_grad():
         for p in prior.parameters():
             p.normal_()
@@ -46,10 +50,16 @@ def _numpy_params(prior: GoatPrior, h: int) -> spectral.GoatParams:
     """NumPy parameters of query head h (its sink is that of its key/value group)."""
     g = h // (prior.n_head // prior.n_kv_head)
     sink = spectral.SinkParams(
-        w_in=prior.w_in[g].detach().numpy(), b_in=prior.b_in[g].detach().numpy(),
-        w_out=prior.w_out[g].detach().numpy(), slope=float(prior.slope[g].detach()),
+        w_in=prior.w_in[g].detach().numpy(),
+        b_in=prior.b_in[g].detach().numpy(),
+        w_out=prior.w_out[g].detach().numpy(),
+        slope=float(prior.slope[g].detach()),
     )
-    return spectral.GoatParams(alpha=prior.alpha[h].detach().numpy(), beta=prior.beta[h].detach().numpy(), sink=sink)
+    return spectral.GoatParams(
+        alpha=prior.alpha[h].detach().numpy(),
+        beta=prior.beta[h].detach().numpy(),
+        sink=sink,
+    )
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
@@ -57,7 +67,9 @@ def test_phase_lanes_equal_numpy_exact_product(offset):
     pos = offset + np.arange(-3, 40)
     omega = spectral.goat_frequencies(8)
     got = phase_lanes(torch.as_tensor(pos), torch.as_tensor(omega)).numpy()
-    np.testing.assert_allclose(got, spectral.phase_lanes(pos, omega), rtol=0, atol=PHASE_TOL)
+    np.testing.assert_allclose(
+        got, spectral.phase_lanes(pos, omega), rtol=0, atol=PHASE_TOL
+    )
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -68,20 +80,37 @@ def test_log_prior_from_lanes_equals_goat_log_prior(L, S, G, offset):
     H, R, length = 3, 4, 16
     prior = _random_prior(0, H, R, G=G, length=length)
     key_pos = offset + np.arange(S)
-    query_pos = key_pos[S - L:]
-    got = prior.log_prior(torch.as_tensor(query_pos), torch.as_tensor(key_pos)).detach().numpy()
+    query_pos = key_pos[S - L :]
+    got = (
+        prior.log_prior(torch.as_tensor(query_pos), torch.as_tensor(key_pos))
+        .detach()
+        .numpy()
+    )
     assert got.shape == (H, L, S)
     for h in range(H):
-        want = spectral.goat_log_prior(_numpy_params(prior, h), L, S, query_pos=query_pos, key_pos=key_pos, length=length)
-        np.testing.assert_allclose(got[h], want, rtol=0, atol=LANE_RTOL * (1 + np.abs(want).max()))
+        want = spectral.goat_log_prior(
+            _numpy_params(prior, h),
+            L,
+            S,
+            query_pos=query_pos,
+            key_pos=key_pos,
+            length=length,
+        )
+        np.testing.assert_allclose(
+            got[h], want, rtol=0, atol=LANE_RTOL * (1 + np.abs(want).max())
+        )
 
 
 def test_lanes_equal_numpy_goat_lanes():
     prior = _random_prior(1, 1, 3)
     lanes = prior.lanes(torch.arange(2, 6), torch.arange(6))
     want = spectral.goat_lanes(_numpy_params(prior, 0), 4, 6, length=16)
-    np.testing.assert_allclose(lanes.query[0].detach().numpy(), want.query, rtol=0, atol=PHASE_TOL)
-    np.testing.assert_allclose(lanes.key[0].detach().numpy(), want.key, rtol=0, atol=PHASE_TOL)
+    np.testing.assert_allclose(
+        lanes.query[0].detach().numpy(), want.query, rtol=0, atol=PHASE_TOL
+    )
+    np.testing.assert_allclose(
+        lanes.key[0].detach().numpy(), want.key, rtol=0, atol=PHASE_TOL
+    )
 
 
 def test_lane_gradients_equal_goat_lanes_vjp():
@@ -91,13 +120,23 @@ def test_lane_gradients_equal_goat_lanes_vjp():
     lanes = prior.lanes(torch.arange(S - L, S), torch.arange(S))
     rng = np.random.default_rng(0)
     gq, gk = rng.normal(size=(L, 2 * R + 1)), rng.normal(size=(S, 2 * R + 1))
-    (lanes.query[0] * torch.as_tensor(gq)).sum().add((lanes.key[0] * torch.as_tensor(gk)).sum()).backward()
-    want = fit.goat_lanes_vjp(_numpy_params(prior, 0), spectral.Lanes(query=gq, key=gk), L, S, length=16)
+    (lanes.query[0] * torch.as_tensor(gq)).sum().add(
+        (lanes.key[0] * torch.as_tensor(gk)).sum()
+    ).backward()
+    want = fit.goat_lanes_vjp(
+        _numpy_params(prior, 0), spectral.Lanes(query=gq, key=gk), L, S, length=16
+    )
     for got, ref in [
-        (prior.alpha.grad[0], want.alpha), (prior.beta.grad[0], want.beta), (prior.w_in.grad[0], want.sink.w_in),
-        (prior.b_in.grad[0], want.sink.b_in), (prior.w_out.grad[0], want.sink.w_out), (prior.slope.grad[0], want.sink.slope),
+        (prior.alpha.grad[0], want.alpha),
+        (prior.beta.grad[0], want.beta),
+        (prior.w_in.grad[0], want.sink.w_in),
+        (prior.b_in.grad[0], want.sink.b_in),
+        (prior.w_out.grad[0], want.sink.w_out),
+        (prior.slope.grad[0], want.sink.slope),
     ]:
-        np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=LANE_RTOL * (1 + np.abs(ref).max()))
+        np.testing.assert_allclose(
+            got.numpy(), ref, rtol=0, atol=LANE_RTOL * (1 + np.abs(ref).max())
+        )
 
 
 def test_log_prior_gradcheck():
@@ -108,9 +147,21 @@ def test_log_prior_gradcheck():
         rel = relative_lanes(alpha, beta, qp, kp)
         from otattn.nn.priors import sink_term
 
-        return log_prior_from_lanes(goat_lanes(rel, sink_term(w_in, b_in, w_out, slope, kp, length=4)))
+        return log_prior_from_lanes(
+            goat_lanes(rel, sink_term(w_in, b_in, w_out, slope, kp, length=4))
+        )
 
-    params = [p.detach().clone().requires_grad_() for p in (prior.alpha, prior.beta, prior.w_in, prior.b_in, prior.w_out, prior.slope)]
+    params = [
+        p.detach().clone().requires_grad_()
+        for p in (
+            prior.alpha,
+            prior.beta,
+            prior.w_in,
+            prior.b_in,
+            prior.w_out,
+            prior.slope,
+        )
+    ]
     assert torch.autograd.gradcheck(f, params)
 
 
@@ -138,8 +189,12 @@ def test_alibi_init_is_alibi_up_to_row_constants():
         diff = K[h] - priors.alibi_log_prior(L, L, slope=m)  # -inf above the diagonal
         visible = np.isfinite(diff)
         rows = np.where(visible, diff, 0).sum(1) / visible.sum(1)
-        np.testing.assert_allclose(np.where(visible, diff - rows[:, None], 0), 0, atol=1e-12)
-    assert np.isclose(alibi_slopes(8)[0], 2**-1) and np.isclose(alibi_slopes(8)[-1], 2**-8)
+        np.testing.assert_allclose(
+            np.where(visible, diff - rows[:, None], 0), 0, atol=1e-12
+        )
+    assert np.isclose(alibi_slopes(8)[0], 2**-1) and np.isclose(
+        alibi_slopes(8)[-1], 2**-8
+    )
 
 
 def test_low_precision_parameters_still_give_float32_lanes():
@@ -151,15 +206,34 @@ def test_low_precision_parameters_still_give_float32_lanes():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: GoatPrior(2, 3).lanes(torch.arange(4.0), torch.arange(4)), "integer tensor"),
-        (lambda: GoatPrior(2, 3).lanes(torch.arange(4)[None], torch.arange(4)), r"shape \(N,\)"),
-        (lambda: GoatPrior(2, 3).lanes(torch.tensor([2**54]), torch.arange(4)), "2\\*\\*53"),
+        (
+            lambda: GoatPrior(2, 3).lanes(torch.arange(4.0), torch.arange(4)),
+            "integer tensor",
+        ),
+        (
+            lambda: GoatPrior(2, 3).lanes(torch.arange(4)[None], torch.arange(4)),
+            r"shape \(N,\)",
+        ),
+        (
+            lambda: GoatPrior(2, 3).lanes(torch.tensor([2**54]), torch.arange(4)),
+            "2\\*\\*53",
+        ),
         (lambda: GoatPrior(2, 3, init="alibi"), "recency=True"),
         (lambda: GoatPrior(4, 3, n_kv_head=3), "multiple of n_kv_head"),
         (lambda: GoatPrior(2, 0), "rank must be a positive integer"),
         (lambda: GoatPrior(2, 3, init="rope"), "init must be"),
-        (lambda: relative_lanes(torch.zeros(2, 3), torch.zeros(2, 4), torch.arange(2), torch.arange(2)), "alpha and beta"),
-        (lambda: log_prior_from_lanes(Lanes(torch.zeros(3, 2, 5), torch.zeros(2, 2, 5))), "cannot share"),
+        (
+            lambda: relative_lanes(
+                torch.zeros(2, 3), torch.zeros(2, 4), torch.arange(2), torch.arange(2)
+            ),
+            "alpha and beta",
+        ),
+        (
+            lambda: log_prior_from_lanes(
+                Lanes(torch.zeros(3, 2, 5), torch.zeros(2, 2, 5))
+            ),
+            "cannot share",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(call, match):

@@ -59,15 +59,42 @@ from otattn.nn.goat import GoatAttention, GoatConfig
 from otattn.nn.priors import GoatPrior, log_prior_from_lanes, relative_lanes
 
 __all__ = [
-    "COLUMNS", "METHODS", "MODES", "BenchConfig", "Case", "check_agreement", "make_case", "measure_memory", "read_csv",
-    "run_benchmark", "skip_reason", "write_csv",
+    "COLUMNS",
+    "METHODS",
+    "MODES",
+    "BenchConfig",
+    "Case",
+    "check_agreement",
+    "make_case",
+    "measure_memory",
+    "read_csv",
+    "run_benchmark",
+    "skip_reason",
+    "write_csv",
 ]
 
-METHODS = ("sdpa", "goat", "sdpa_mask", "eager", "flex", "otattn_layer", "goat_pkg_layer")
+METHODS = (
+    "sdpa",
+    "goat",
+    "sdpa_mask",
+    "eager",
+    "flex",
+    "otattn_layer",
+    "goat_pkg_layer",
+)
 MODES = ("fwd", "fwd_bwd")
 COLUMNS = (
-    "method", "L", "mode", "status", "repeats", "time_median_s", "time_min_s", "ratio_to_sdpa", "ratio_of_medians",
-    "peak_mem_mib", "note",
+    "method",
+    "L",
+    "mode",
+    "status",
+    "repeats",
+    "time_median_s",
+    "time_min_s",
+    "ratio_to_sdpa",
+    "ratio_of_medians",
+    "peak_mem_mib",
+    "note",
 )
 # The materialised methods keep about this many (B, H, L, L) tensors alive at their peak in
 # fwd_bwd (log-prior, masked log-prior, weights, and a gradient); used only to skip a case.
@@ -112,7 +139,14 @@ class Case:
 def _prior(cfg: BenchConfig, seed: int) -> GoatPrior:
     """A trained-looking prior: every parameter nonzero, of moderate size."""
     torch.manual_seed(seed)
-    prior = GoatPrior(cfg.n_head, cfg.rank, sink_hidden=4, sink_freq=cfg.sink_freq, length=cfg.length, recency=True)
+    prior = GoatPrior(
+        cfg.n_head,
+        cfg.rank,
+        sink_hidden=4,
+        sink_freq=cfg.sink_freq,
+        length=cfg.length,
+        recency=True,
+    )
     with torch.no_grad():
         for p in prior.parameters():
             p.normal_(0.0, 0.3)
@@ -142,22 +176,41 @@ def make_case(method: str, L: int, cfg: BenchConfig, *, seed: int = 0) -> Case:
     pos = torch.arange(L, device=dev)
     if method == "sdpa":
         q, k, v = _content(cfg, L, seed, cfg.head_dim)
-        return Case(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
+        return Case(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v]
+        )
     if method in ("goat", "sdpa_mask", "eager", "flex"):
         q, k, v = _content(cfg, L, seed, cfg.d_c)
         prior = _prior(cfg, seed)
         leaves = [q, k, v, *prior.parameters()]
         scale = cfg.d_c**-0.5
     if method == "goat":
-        return Case(lambda: goat_attention(q, k, v, prior(pos, pos, key_origin=L - 1), is_causal=True), leaves)
+        return Case(
+            lambda: goat_attention(
+                q, k, v, prior(pos, pos, key_origin=L - 1), is_causal=True
+            ),
+            leaves,
+        )
     if method == "sdpa_mask":
+
         def run():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=_materialised_log_prior(prior, L, dev).to(dtype), scale=scale)
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=_materialised_log_prior(prior, L, dev).to(dtype),
+                scale=scale,
+            )
+
         return Case(run, leaves)
     if method == "eager":
+
         def run():
-            scores = (q @ k.transpose(-1, -2)) * scale + _materialised_log_prior(prior, L, dev).to(dtype)
+            scores = (q @ k.transpose(-1, -2)) * scale + _materialised_log_prior(
+                prior, L, dev
+            ).to(dtype)
             return torch.softmax(scores, dim=-1) @ v
+
         return Case(run, leaves)
     if method == "flex":
         return _flex_case(q, k, v, prior, L, cfg, scale)
@@ -166,34 +219,66 @@ def make_case(method: str, L: int, cfg: BenchConfig, *, seed: int = 0) -> Case:
         E = cfg.n_head * cfg.head_dim
         x = torch.randn(cfg.batch, L, E, device=dev, dtype=dtype, requires_grad=True)
         if method == "otattn_layer":
-            layer = GoatAttention(GoatConfig(
-                n_embd=E, n_head=cfg.n_head, rank=cfg.rank, sink_hidden=4, sink_freq=cfg.sink_freq, length=cfg.length,
-                recency=True, sink_activation="silu", sink_log_position=True, sink_bump=True,
-            )).to(dev, dtype)
+            layer = GoatAttention(
+                GoatConfig(
+                    n_embd=E,
+                    n_head=cfg.n_head,
+                    rank=cfg.rank,
+                    sink_hidden=4,
+                    sink_freq=cfg.sink_freq,
+                    length=cfg.length,
+                    recency=True,
+                    sink_activation="silu",
+                    sink_log_position=True,
+                    sink_bump=True,
+                )
+            ).to(dev, dtype)
             return Case(lambda: layer(x), [x, *layer.parameters()])
         import goat  # the authors' package: an optional peer, imported only here
 
         layer = goat.GoatAttention(
-            E, cfg.n_head, bias=False, batch_first=True, pos_rank=cfg.rank, abs_rank=cfg.sink_freq,
-            training_seq_len=cfg.length, device=dev,
+            E,
+            cfg.n_head,
+            bias=False,
+            batch_first=True,
+            pos_rank=cfg.rank,
+            abs_rank=cfg.sink_freq,
+            training_seq_len=cfg.length,
+            device=dev,
         ).to(dtype)
-        return Case(lambda: layer(x, x, x, need_weights=False, is_causal=True)[0], [x, *layer.parameters()])
+        return Case(
+            lambda: layer(x, x, x, need_weights=False, is_causal=True)[0],
+            [x, *layer.parameters()],
+        )
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def _flex_case(q, k, v, prior: GoatPrior, L: int, cfg: BenchConfig, scale: float) -> Case:
+def _flex_case(
+    q, k, v, prior: GoatPrior, L: int, cfg: BenchConfig, scale: float
+) -> Case:
     """FlexAttention: kappa_h(d) on the offsets d = i - j and u_g(j) as O(L) tables."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev = cfg.device
-    if dev == "cpu":  # FlexAttention refuses inputs that require grad on CPU (it has no backward there)
+    if (
+        dev == "cpu"
+    ):  # FlexAttention refuses inputs that require grad on CPU (it has no backward there)
         q, k, v = (t.detach() for t in (q, k, v))
     flex = torch.compile(flex_attention, dynamic=False)
-    block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device=dev)
+    block_mask = create_block_mask(
+        lambda b, h, i, j: i >= j, None, None, L, L, device=dev
+    )
     offsets = torch.arange(-(L - 1), L, device=dev)
-    pos, origin = torch.arange(L, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    kappa = torch.zeros(cfg.n_head, 2 * L - 1, device=dev, dtype=q.dtype)  # kappa_h(i - j) at index i - j + L - 1
-    u = torch.zeros(cfg.n_head, L, device=dev, dtype=q.dtype)  # u_g(j), one key/value head per head here
+    pos, origin = (
+        torch.arange(L, device=dev),
+        torch.zeros(1, dtype=torch.long, device=dev),
+    )
+    kappa = torch.zeros(
+        cfg.n_head, 2 * L - 1, device=dev, dtype=q.dtype
+    )  # kappa_h(i - j) at index i - j + L - 1
+    u = torch.zeros(
+        cfg.n_head, L, device=dev, dtype=q.dtype
+    )  # u_g(j), one key/value head per head here
 
     def score_mod(score, b, h, i, j):
         return score + kappa[h, i - j + L - 1] + u[h, j]
@@ -210,7 +295,9 @@ def _flex_case(q, k, v, prior: GoatPrior, L: int, cfg: BenchConfig, scale: float
     return Case(run, [q, k, v, *prior.parameters()], has_backward=dev != "cpu")
 
 
-def skip_reason(method: str, L: int, cfg: BenchConfig, *, max_bytes: float) -> str | None:
+def skip_reason(
+    method: str, L: int, cfg: BenchConfig, *, max_bytes: float
+) -> str | None:
     """Why ``method`` is not run at ``L`` (None: it runs)."""
     if method in ("sdpa_mask", "eager"):
         need = _LXL_COPIES * cfg.batch * cfg.n_head * L * L * cfg.torch_dtype.itemsize
@@ -248,17 +335,23 @@ def _step(case: Case, mode: str) -> None:
         return
     out = case.run()
     if case.grad is None:
-        case.grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+        case.grad = torch.randn(
+            out.shape, generator=torch.Generator().manual_seed(1)
+        ).to(out.device, out.dtype)
     out.backward(case.grad)
 
 
-def check_agreement(L: int = 128, cfg: BenchConfig | None = None, *, with_flex: bool = False) -> dict[str, float]:
+def check_agreement(
+    L: int = 128, cfg: BenchConfig | None = None, *, with_flex: bool = False
+) -> dict[str, float]:
     """Largest |difference| of each prior method's output from ``eager``, same seed: they compute one function."""
     cfg = cfg or BenchConfig()
     methods = ["goat", "sdpa_mask"] + (["flex"] if with_flex else [])
     with torch.no_grad():
         ref = make_case("eager", L, cfg).run()
-        return {m: (make_case(m, L, cfg).run() - ref).abs().max().item() for m in methods}
+        return {
+            m: (make_case(m, L, cfg).run() - ref).abs().max().item() for m in methods
+        }
 
 
 def repeats_at(L: int, repeats: int) -> int:
@@ -273,13 +366,19 @@ def _time_length(L, methods, cfg, mode, repeats, log) -> dict[str, dict]:
         try:
             cases[m] = make_case(m, L, cfg)
             if mode == "fwd_bwd" and not cases[m].has_backward:
-                results[m] = dict(status="skipped", note=f"no backward on {cfg.device} in torch {torch.__version__}")
+                results[m] = dict(
+                    status="skipped",
+                    note=f"no backward on {cfg.device} in torch {torch.__version__}",
+                )
                 del cases[m]
                 continue
             _step(cases[m], mode)  # warm-up (compiles flex)
             _clear(cases[m])
         except Exception as err:  # noqa: BLE001 -- a method that fails here is recorded, not fatal
-            results[m] = dict(status="failed", note=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            results[m] = dict(
+                status="failed",
+                note=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}",
+            )
             cases.pop(m, None)
     times = {m: [] for m in cases}
     order = list(cases)
@@ -287,7 +386,7 @@ def _time_length(L, methods, cfg, mode, repeats, log) -> dict[str, dict]:
     gc.disable()  # as timeit does: no collector pauses inside a timed step
     try:
         for r in range(repeats):
-            for m in order[r % len(order):] + order[: r % len(order)] if order else []:
+            for m in order[r % len(order) :] + order[: r % len(order)] if order else []:
                 _clear(cases[m])
                 _sync(cfg.device)
                 t0 = time.perf_counter()
@@ -298,12 +397,21 @@ def _time_length(L, methods, cfg, mode, repeats, log) -> dict[str, dict]:
         gc.enable()
     for m, ts in times.items():
         ratios = [t / s for t, s in zip(ts, times["sdpa"])] if "sdpa" in times else []
-        results[m] = dict(status="ok", repeats=repeats, time_median_s=statistics.median(ts), time_min_s=min(ts),
-                          ratio_to_sdpa=statistics.median(ratios) if ratios else None,
-                          ratio_of_medians=statistics.median(ts) / statistics.median(times["sdpa"]) if ratios else None,
-                          note="")
-        log(f"  L={L:6d} {mode:7s} {m:15s} {results[m]['time_median_s']:9.4f} s"
-            + (f"  x{results[m]['ratio_to_sdpa']:.2f} sdpa" if ratios else ""))
+        results[m] = dict(
+            status="ok",
+            repeats=repeats,
+            time_median_s=statistics.median(ts),
+            time_min_s=min(ts),
+            ratio_to_sdpa=statistics.median(ratios) if ratios else None,
+            ratio_of_medians=statistics.median(ts) / statistics.median(times["sdpa"])
+            if ratios
+            else None,
+            note="",
+        )
+        log(
+            f"  L={L:6d} {mode:7s} {m:15s} {results[m]['time_median_s']:9.4f} s"
+            + (f"  x{results[m]['ratio_to_sdpa']:.2f} sdpa" if ratios else "")
+        )
     for m, res in results.items():
         if res["status"] != "ok":
             log(f"  L={L:6d} {mode:7s} {m:15s} {res['status']}: {res['note']}")
@@ -320,7 +428,9 @@ def _read_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure_memory_here(method: str, L: int, cfg: BenchConfig) -> dict[str, float | None]:
+def _measure_memory_here(
+    method: str, L: int, cfg: BenchConfig
+) -> dict[str, float | None]:
     """Peak extra memory (bytes) of one step per mode, in this process (see the module docstring)."""
     case = make_case(method, L, cfg)
     peaks: dict[str, float | None] = {}
@@ -329,7 +439,9 @@ def _measure_memory_here(method: str, L: int, cfg: BenchConfig) -> dict[str, flo
             peaks[mode] = None
             continue
         _clear(case)
-        _step(case, mode)  # warm-up: compiles, sets up thread pools and the output gradient
+        _step(
+            case, mode
+        )  # warm-up: compiles, sets up thread pools and the output gradient
         _clear(case)
         gc.collect()
         if cfg.device.startswith("cuda"):
@@ -341,7 +453,9 @@ def _measure_memory_here(method: str, L: int, cfg: BenchConfig) -> dict[str, flo
             peaks[mode] = torch.cuda.max_memory_allocated() - before
         else:
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the resident-set high-water mark (VmHWM) to the current RSS
+                f.write(
+                    "5"
+                )  # reset the resident-set high-water mark (VmHWM) to the current RSS
             before = _read_status("VmRSS")
             _step(case, mode)
             peaks[mode] = _read_status("VmHWM") - before
@@ -352,21 +466,39 @@ def _memory_worker() -> None:
     """Entry of the fresh process: ``python -c ... <json>``; prints the peaks as JSON."""
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])
-    print(json.dumps(_measure_memory_here(args["method"], args["L"], BenchConfig(**args["cfg"]))))
+    print(
+        json.dumps(
+            _measure_memory_here(args["method"], args["L"], BenchConfig(**args["cfg"]))
+        )
+    )
 
 
-def measure_memory(method: str, L: int, cfg: BenchConfig, *, timeout: float = 600.0) -> dict[str, float | None]:
+def measure_memory(
+    method: str, L: int, cfg: BenchConfig, *, timeout: float = 600.0
+) -> dict[str, float | None]:
     """Peak extra memory of ``method`` at ``L`` per mode, in bytes; a fresh process on CPU."""
     if cfg.device.startswith("cuda"):
         return _measure_memory_here(method, L, cfg)
-    payload = json.dumps(dict(method=method, L=L, cfg=cfg.__dict__, threads=torch.get_num_threads()))
+    payload = json.dumps(
+        dict(method=method, L=L, cfg=cfg.__dict__, threads=torch.get_num_threads())
+    )
     # A fixed mmap threshold stops glibc from raising it as blocks are freed, so every large
     # tensor is its own mapping, returned to the OS when freed, and RSS follows the tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     code = "from otattn.experiments.bench import _memory_worker; _memory_worker()"
-    proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, payload],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+        raise RuntimeError(
+            proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -375,14 +507,23 @@ def machine_description(cfg: BenchConfig) -> dict[str, str]:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip()
+                for line in f
+                if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     desc = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        cpu=cpu, cpu_count=str(os.cpu_count()), torch_threads=str(torch.get_num_threads()),
-        torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-        device=cfg.device, dtype=cfg.dtype,
+        cpu=cpu,
+        cpu_count=str(os.cpu_count()),
+        torch_threads=str(torch.get_num_threads()),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        device=cfg.device,
+        dtype=cfg.dtype,
         shapes=f"B={cfg.batch} H={cfg.n_head} D={cfg.head_dim} R={cfg.rank} (C={2 * cfg.rank + 1} lanes, d_c={cfg.d_c}), causal",
         load_average_start=" ".join(f"{x:.2f}" for x in os.getloadavg()),
     )
@@ -391,26 +532,54 @@ def machine_description(cfg: BenchConfig) -> dict[str, str]:
     return desc
 
 
-def run_benchmark(lengths, *, methods=METHODS, repeats: int = 7, memory: bool = True, cfg: BenchConfig | None = None,
-                  max_bytes: float = 12 * 2**30, log: Callable[[str], None] = print) -> tuple[list[dict], dict[str, str]]:
+def run_benchmark(
+    lengths,
+    *,
+    methods=METHODS,
+    repeats: int = 7,
+    memory: bool = True,
+    cfg: BenchConfig | None = None,
+    max_bytes: float = 12 * 2**30,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], dict[str, str]]:
     """Time (and measure the memory of) every method at every length; return rows and the machine description."""
     cfg = cfg or BenchConfig()
     meta = machine_description(cfg)
     t_start = time.perf_counter()
-    agree = check_agreement(_AGREEMENT_L, cfg, with_flex="flex" in methods and skip_reason("flex", 0, cfg, max_bytes=0) is None)
-    meta["agreement"] = f"max |out - eager| at L={_AGREEMENT_L}: " + ", ".join(f"{m} {d:.1e}" for m, d in agree.items())
+    agree = check_agreement(
+        _AGREEMENT_L,
+        cfg,
+        with_flex="flex" in methods
+        and skip_reason("flex", 0, cfg, max_bytes=0) is None,
+    )
+    meta["agreement"] = f"max |out - eager| at L={_AGREEMENT_L}: " + ", ".join(
+        f"{m} {d:.1e}" for m, d in agree.items()
+    )
     log(f"  {meta['agreement']}")
     rows = []
     for L in lengths:
-        run = [m for m in methods if skip_reason(m, L, cfg, max_bytes=max_bytes) is None]
+        run = [
+            m for m in methods if skip_reason(m, L, cfg, max_bytes=max_bytes) is None
+        ]
         n = repeats_at(L, repeats)
         for mode in MODES:
             results = _time_length(L, run, cfg, mode, n, log)
             for m in methods:
-                res = results.get(m) or dict(status="skipped", note=skip_reason(m, L, cfg, max_bytes=max_bytes))
-                rows.append({c: None for c in COLUMNS} | dict(method=m, L=L, mode=mode) | res)
+                res = results.get(m) or dict(
+                    status="skipped", note=skip_reason(m, L, cfg, max_bytes=max_bytes)
+                )
+                rows.append(
+                    {c: None for c in COLUMNS} | dict(method=m, L=L, mode=mode) | res
+                )
         if memory:
-            for m in [m for m in run if any(r["method"] == m and r["L"] == L and r["status"] == "ok" for r in rows)]:
+            for m in [
+                m
+                for m in run
+                if any(
+                    r["method"] == m and r["L"] == L and r["status"] == "ok"
+                    for r in rows
+                )
+            ]:
                 try:
                     peaks = measure_memory(m, L, cfg)
                 except Exception as err:  # noqa: BLE001 -- recorded in the row's note
@@ -422,12 +591,21 @@ def run_benchmark(lengths, *, methods=METHODS, repeats: int = 7, memory: bool = 
                         peak = peaks.get(row["mode"])
                         row["peak_mem_mib"] = None if peak is None else peak / _MIB
                         row["note"] = "; ".join(x for x in (row["note"], note) if x)
-                log(f"  L={L:6d} memory  {m:15s} " + "  ".join(
-                    f"{k} {v / _MIB:8.1f} MiB" for k, v in peaks.items() if v is not None))
+                log(
+                    f"  L={L:6d} memory  {m:15s} "
+                    + "  ".join(
+                        f"{k} {v / _MIB:8.1f} MiB"
+                        for k, v in peaks.items()
+                        if v is not None
+                    )
+                )
     meta["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta["wall_time_s"] = f"{time.perf_counter() - t_start:.0f}"
-    meta["memory"] = ("torch.cuda.max_memory_allocated above the allocation before the step" if cfg.device.startswith("cuda")
-                      else "VmHWM minus VmRSS around one step, fresh process per (method, L), MALLOC_MMAP_THRESHOLD_=131072")
+    meta["memory"] = (
+        "torch.cuda.max_memory_allocated above the allocation before the step"
+        if cfg.device.startswith("cuda")
+        else "VmHWM minus VmRSS around one step, fresh process per (method, L), MALLOC_MMAP_THRESHOLD_=131072"
+    )
     return rows, meta
 
 
@@ -440,8 +618,16 @@ def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: ("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]))
-                             for c in COLUMNS})
+            writer.writerow(
+                {
+                    c: (
+                        ""
+                        if row.get(c) is None
+                        else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                    )
+                    for c in COLUMNS
+                }
+            )
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -453,6 +639,13 @@ def read_csv(path) -> list[dict]:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     for row in rows:
         row["L"] = int(row["L"])
-        for c in ("repeats", "time_median_s", "time_min_s", "ratio_to_sdpa", "ratio_of_medians", "peak_mem_mib"):
+        for c in (
+            "repeats",
+            "time_median_s",
+            "time_min_s",
+            "ratio_to_sdpa",
+            "ratio_of_medians",
+            "peak_mem_mib",
+        ):
             row[c] = float(row[c]) if row[c] else None
     return rows

@@ -46,14 +46,36 @@ from otattn.nn.functional import goat_attention
 from otattn.nn.priors import GoatPrior, alibi_slopes
 
 __all__ = [
-    "COLUMNS", "DTYPES", "METHODS", "SETTINGS", "PrecisionConfig", "decode_error", "kernel_error", "layer_errors",
-    "make_prior", "read_csv", "run_grid", "worst_ratio", "write_csv",
+    "COLUMNS",
+    "DTYPES",
+    "METHODS",
+    "SETTINGS",
+    "PrecisionConfig",
+    "decode_error",
+    "kernel_error",
+    "layer_errors",
+    "make_prior",
+    "read_csv",
+    "run_grid",
+    "worst_ratio",
+    "write_csv",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("sdpa", "goat", "goat_1part", "goat_split")
 SETTINGS = ("spectral", "recency", "large")
-COLUMNS = ("method", "setting", "dtype", "L", "offset", "out_err", "out_rel", "grad_rel", "ratio_to_sdpa", "seconds")
+COLUMNS = (
+    "method",
+    "setting",
+    "dtype",
+    "L",
+    "offset",
+    "out_err",
+    "out_rel",
+    "grad_rel",
+    "ratio_to_sdpa",
+    "seconds",
+)
 # (sink_parts, rel_parts) of each GOAT method
 _PARTS = {"goat": (3, 1), "goat_1part": (1, 1), "goat_split": (3, 2)}
 
@@ -76,13 +98,21 @@ def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64)
 
 
-def make_prior(setting: str, cfg: PrecisionConfig, dtype: torch.dtype, *, seed: int = 0) -> GoatPrior:
+def make_prior(
+    setting: str, cfg: PrecisionConfig, dtype: torch.dtype, *, seed: int = 0
+) -> GoatPrior:
     """A float64 prior of the given ``setting`` whose parameters are exact in ``dtype``."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     torch.manual_seed(seed)
-    prior = GoatPrior(cfg.n_head, cfg.rank, sink_hidden=cfg.sink_hidden, sink_freq=cfg.sink_freq, length=cfg.length,
-                      recency=setting != "spectral").double()
+    prior = GoatPrior(
+        cfg.n_head,
+        cfg.rank,
+        sink_hidden=cfg.sink_hidden,
+        sink_freq=cfg.sink_freq,
+        length=cfg.length,
+        recency=setting != "spectral",
+    ).double()
     scale = 1.0 if setting == "large" else 0.5
     with torch.no_grad():
         prior.alpha.normal_(0.0, scale)
@@ -113,14 +143,27 @@ def _run(method: str, q, k, v, prior, query_pos, key_pos, origin):
     if method == "sdpa":
         L, S = q.shape[-2], k.shape[-2]
         mask = torch.ones(L, S, dtype=torch.bool).tril(diagonal=S - L)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if L == S else mask, is_causal=L == S)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if L == S else mask, is_causal=L == S
+        )
     lanes = prior.lanes(query_pos, key_pos, key_origin=origin)
     sink_parts, rel_parts = _PARTS[method]
-    return goat_attention(q, k, v, lanes, is_causal=True, sink_parts=sink_parts, rel_parts=rel_parts)
+    return goat_attention(
+        q, k, v, lanes, is_causal=True, sink_parts=sink_parts, rel_parts=rel_parts
+    )
 
 
-def kernel_error(method: str, setting: str, dtype: str, L: int, *, offset: int = 0,
-                 cfg: PrecisionConfig | None = None, seed: int = 0, block: int = 256) -> dict[str, float]:
+def kernel_error(
+    method: str,
+    setting: str,
+    dtype: str,
+    L: int,
+    *,
+    offset: int = 0,
+    cfg: PrecisionConfig | None = None,
+    seed: int = 0,
+    block: int = 256,
+) -> dict[str, float]:
     r"""Errors of one kernel in ``dtype`` against float64 on the same rounded inputs (see the module docstring).
 
     Causal self-attention over ``L`` tokens at positions ``offset + 0 .. L-1``, recency origin
@@ -152,45 +195,117 @@ def kernel_error(method: str, setting: str, dtype: str, L: int, *, offset: int =
     grad_err, grad_size = [0.0] * 3, [0.0] * 3
     for a, b in _blocks(L, block):
         results = {}
-        for name, cast, prior in (("ref", torch.float64, prior64), ("lo", dt, prior_lo)):
-            leaves = [t.to(cast).requires_grad_() for t in (q[:, :, a:b], k[:, :, :b], v[:, :, :b])]
+        for name, cast, prior in (
+            ("ref", torch.float64, prior64),
+            ("lo", dt, prior_lo),
+        ):
+            leaves = [
+                t.to(cast).requires_grad_()
+                for t in (q[:, :, a:b], k[:, :, :b], v[:, :, :b])
+            ]
             # in float64 the sink parts after the first are exactly 0
             out = _run(method, *leaves, prior, pos[a:b], pos[:b], origin)
             out.backward(grad[:, :, a:b].to(cast))
             results[name] = (out.detach().double(), [t.grad.double() for t in leaves])
         (ref, ref_grads), (got, got_grads) = results["ref"], results["lo"]
-        out_err, size = max(out_err, (got - ref).abs().max().item()), max(size, ref.abs().max().item())
+        out_err, size = (
+            max(out_err, (got - ref).abs().max().item()),
+            max(size, ref.abs().max().item()),
+        )
         for n, (x, y) in enumerate(zip(got_grads, ref_grads)):
             grad_err[n] = max(grad_err[n], (x - y).abs().max().item())
             grad_size[n] = max(grad_size[n], y.abs().max().item())
-    return dict(out_err=out_err, out_rel=out_err / size, grad_rel=max(e / s for e, s in zip(grad_err, grad_size)),
-                seconds=time.perf_counter() - t0)
+    return dict(
+        out_err=out_err,
+        out_rel=out_err / size,
+        grad_rel=max(e / s for e, s in zip(grad_err, grad_size)),
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def run_grid(lengths, *, dtypes=DTYPES, settings=SETTINGS, offsets=(0, 10**6), methods=METHODS,
-             cfg: PrecisionConfig | None = None, seed: int = 0, block: int = 256,
-             log: Callable[[str], None] = print) -> list[dict]:
+def run_grid(
+    lengths,
+    *,
+    dtypes=DTYPES,
+    settings=SETTINGS,
+    offsets=(0, 10**6),
+    methods=METHODS,
+    cfg: PrecisionConfig | None = None,
+    seed: int = 0,
+    block: int = 256,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Every (dtype, L, offset): ``sdpa`` once, and each GOAT method per setting; ratios to ``sdpa`` of the same case."""
     rows = []
     for dtype in dtypes:
         for L in lengths:
             for offset in offsets:
-                floor = kernel_error("sdpa", "spectral", dtype, L, offset=offset, cfg=cfg, seed=seed, block=block)
-                rows.append(dict(method="sdpa", setting="", dtype=dtype, L=L, offset=offset, **floor, ratio_to_sdpa=1.0))
+                floor = kernel_error(
+                    "sdpa",
+                    "spectral",
+                    dtype,
+                    L,
+                    offset=offset,
+                    cfg=cfg,
+                    seed=seed,
+                    block=block,
+                )
+                rows.append(
+                    dict(
+                        method="sdpa",
+                        setting="",
+                        dtype=dtype,
+                        L=L,
+                        offset=offset,
+                        **floor,
+                        ratio_to_sdpa=1.0,
+                    )
+                )
                 for setting in settings:
                     for method in [m for m in methods if m != "sdpa"]:
-                        err = kernel_error(method, setting, dtype, L, offset=offset, cfg=cfg, seed=seed, block=block)
-                        rows.append(dict(method=method, setting=setting, dtype=dtype, L=L, offset=offset, **err,
-                                         ratio_to_sdpa=err["out_err"] / floor["out_err"]))
-                worst = max(r["ratio_to_sdpa"] for r in rows[-len(settings) * (len(methods) - 1) - 1:]
-                            if r["method"] == "goat")
-                log(f"  {dtype:8s} L={L:6d} offset={offset:>7d}: sdpa {floor['out_err']:.2e}, "
-                    f"goat / sdpa worst {worst:.2f}")
+                        err = kernel_error(
+                            method,
+                            setting,
+                            dtype,
+                            L,
+                            offset=offset,
+                            cfg=cfg,
+                            seed=seed,
+                            block=block,
+                        )
+                        rows.append(
+                            dict(
+                                method=method,
+                                setting=setting,
+                                dtype=dtype,
+                                L=L,
+                                offset=offset,
+                                **err,
+                                ratio_to_sdpa=err["out_err"] / floor["out_err"],
+                            )
+                        )
+                worst = max(
+                    r["ratio_to_sdpa"]
+                    for r in rows[-len(settings) * (len(methods) - 1) - 1 :]
+                    if r["method"] == "goat"
+                )
+                log(
+                    f"  {dtype:8s} L={L:6d} offset={offset:>7d}: sdpa {floor['out_err']:.2e}, "
+                    f"goat / sdpa worst {worst:.2f}"
+                )
     return rows
 
 
-def layer_errors(L: int, dtype: str, *, seed: int = 0, n_embd: int = 256, n_head: int = 4, rank: int = 8,
-                 recency: bool = True) -> dict[str, float]:
+def layer_errors(
+    L: int,
+    dtype: str,
+    *,
+    seed: int = 0,
+    n_embd: int = 256,
+    n_head: int = 4,
+    rank: int = 8,
+    recency: bool = True,
+) -> dict[str, float]:
     """Max |out - float64| of the authors' layer and of ours holding the same weights, both in ``dtype``.
 
     The authors' module is built in float32 with trained-looking prior weights (relative
@@ -205,23 +320,41 @@ def layer_errors(L: int, dtype: str, *, seed: int = 0, n_embd: int = 256, n_head
 
     dt = getattr(torch, dtype)
     torch.manual_seed(seed)
-    theirs = goat.GoatAttention(n_embd, n_head, bias=False, batch_first=True, pos_rank=rank, abs_rank=4,
-                                training_seq_len=1024)
+    theirs = goat.GoatAttention(
+        n_embd,
+        n_head,
+        bias=False,
+        batch_first=True,
+        pos_rank=rank,
+        abs_rank=4,
+        training_seq_len=1024,
+    )
     with torch.no_grad():
         theirs.lambda_sym.normal_(0.0, 0.5)
         theirs.lambda_asym.normal_(0.0, 0.5)
         theirs.key_bias.fc2.weight.normal_(0.0, 0.5)
         # softplus(raw) * goat_prior_scale is their slope: ALiBi's, or ~1e-35 (none) when not recency
         target = alibi_slopes(theirs.kv_num_heads) / theirs.goat_prior_scale.detach()
-        theirs.recency_slope_raw.copy_(torch.log(torch.expm1(target)) if recency else torch.full_like(target, -80.0))
+        theirs.recency_slope_raw.copy_(
+            torch.log(torch.expm1(target))
+            if recency
+            else torch.full_like(target, -80.0)
+        )
     ours = goat_to_otattn(theirs, causal=True)
-    x = torch.randn(1, L, n_embd, generator=torch.Generator().manual_seed(seed + 1)).to(dt)
+    x = torch.randn(1, L, n_embd, generator=torch.Generator().manual_seed(seed + 1)).to(
+        dt
+    )
     out = {}
     with torch.no_grad():
         # Theirs cannot run in float64 (its sink MLP is pinned to float32 and fed float32
         # features), so its reference is its float32 copy: exact to ~1e-6, far below bf16 errors.
         for name, layer, ref_dtype, call in (
-            ("goat_pkg", theirs, torch.float32, lambda m, z: m(z, z, z, need_weights=False, is_causal=True)[0]),
+            (
+                "goat_pkg",
+                theirs,
+                torch.float32,
+                lambda m, z: m(z, z, z, need_weights=False, is_causal=True)[0],
+            ),
             ("otattn", ours, torch.float64, lambda m, z: m(z)),
         ):
             ref = call(copy.deepcopy(layer).to(ref_dtype), x.to(ref_dtype)).double()
@@ -231,8 +364,15 @@ def layer_errors(L: int, dtype: str, *, seed: int = 0, n_embd: int = 256, n_head
     return out
 
 
-def decode_error(dtype: str, *, offset: int = 10**6, prompt: int = 256, steps: int = 16, seed: int = 0,
-                 sink_parts: int = 3) -> dict[str, float]:
+def decode_error(
+    dtype: str,
+    *,
+    offset: int = 10**6,
+    prompt: int = 256,
+    steps: int = 16,
+    seed: int = 0,
+    sink_parts: int = 3,
+) -> dict[str, float]:
     r"""KV-cache decoding deep into a sequence: max |out - float64| of the prompt and of the decoded tokens.
 
     Our layer (:class:`otattn.nn.GoatAttention`, width 256, 4 heads, rank 8, a sink and
@@ -245,7 +385,16 @@ def decode_error(dtype: str, *, offset: int = 10**6, prompt: int = 256, steps: i
 
     dt = getattr(torch, dtype)
     torch.manual_seed(seed)
-    layer = GoatAttention(GoatConfig(n_embd=256, n_head=4, rank=8, sink_hidden=8, init="alibi", sink_parts=sink_parts))
+    layer = GoatAttention(
+        GoatConfig(
+            n_embd=256,
+            n_head=4,
+            rank=8,
+            sink_hidden=8,
+            init="alibi",
+            sink_parts=sink_parts,
+        )
+    )
     with torch.no_grad():
         for p in (layer.prior.alpha, layer.prior.beta):
             p.normal_(0.0, 0.5)
@@ -258,9 +407,16 @@ def decode_error(dtype: str, *, offset: int = 10**6, prompt: int = 256, steps: i
         low = copy.deepcopy(layer).to(dt)
         cache = low.new_cache(1)
         outs = [low(x[:, :prompt], positions=pos[:prompt], cache=cache)]
-        outs += [low(x[:, i:i + 1], positions=pos[i:i + 1], cache=cache) for i in range(prompt, n)]
+        outs += [
+            low(x[:, i : i + 1], positions=pos[i : i + 1], cache=cache)
+            for i in range(prompt, n)
+        ]
     err = (torch.cat(outs, dim=1).double() - ref).abs().amax(dim=-1)[0]
-    return dict(prompt_err=err[:prompt].max().item(), decode_err=err[prompt:].max().item(), size=ref.abs().max().item())
+    return dict(
+        prompt_err=err[:prompt].max().item(),
+        decode_err=err[prompt:].max().item(),
+        size=ref.abs().max().item(),
+    )
 
 
 def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
@@ -271,7 +427,12 @@ def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS})
+            writer.writerow(
+                {
+                    c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                    for c in COLUMNS
+                }
+            )
 
 
 def read_csv(path) -> list[dict]:
@@ -287,5 +448,9 @@ def read_csv(path) -> list[dict]:
 
 def worst_ratio(rows: list[dict], method: str = "goat") -> float:
     """The largest ``ratio_to_sdpa`` of ``method`` over low-precision rows (the 2x bound of the book)."""
-    ratios = [r["ratio_to_sdpa"] for r in rows if r["method"] == method and r["dtype"] != "float32"]
+    ratios = [
+        r["ratio_to_sdpa"]
+        for r in rows
+        if r["method"] == method and r["dtype"] != "float32"
+    ]
     return max(ratios) if ratios else math.nan

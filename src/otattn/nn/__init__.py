@@ -21,7 +21,12 @@ from otattn.nn.baselines import (
     positional_attention,
 )
 from otattn.nn.convert import goat_to_otattn
-from otattn.nn.functional import fused_query_key, goat_attention, lane_attention, prior_attention
+from otattn.nn.functional import (
+    fused_query_key,
+    goat_attention,
+    lane_attention,
+    prior_attention,
+)
 from otattn.nn.gated import (
     GatedAttention,
     GatedAttentionConfig,

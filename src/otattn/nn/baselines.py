@@ -75,7 +75,9 @@ class PositionalEncoding(nn.Module):
     extra_channels: int = 0
     keys_in_past_only: bool = False
 
-    def forward(self, q: Tensor, k: Tensor, query_pos: Tensor, key_pos: Tensor, *, scale: float):
+    def forward(
+        self, q: Tensor, k: Tensor, query_pos: Tensor, key_pos: Tensor, *, scale: float
+    ):
         raise NotImplementedError
 
 
@@ -102,20 +104,32 @@ class LearnedAbsolute(PositionalEncoding):
 
     def __init__(self, n_positions: int, n_heads: int, head_dim: int) -> None:
         super().__init__()
-        for name, n in (("n_positions", n_positions), ("n_heads", n_heads), ("head_dim", head_dim)):
+        for name, n in (
+            ("n_positions", n_positions),
+            ("n_heads", n_heads),
+            ("head_dim", head_dim),
+        ):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
         # GPT-2's initial scale for position embeddings.
-        self.query_table = nn.Parameter(0.02 * torch.randn(n_positions, n_heads, head_dim))
-        self.key_table = nn.Parameter(0.02 * torch.randn(n_positions, n_heads, head_dim))
+        self.query_table = nn.Parameter(
+            0.02 * torch.randn(n_positions, n_heads, head_dim)
+        )
+        self.key_table = nn.Parameter(
+            0.02 * torch.randn(n_positions, n_heads, head_dim)
+        )
 
     def forward(self, q, k, query_pos, key_pos, *, scale):
         n = self.query_table.shape[0]
         for name, pos in (("query_pos", query_pos), ("key_pos", key_pos)):
             if pos.numel() and (pos.min() < 0 or pos.max() >= n):
-                raise ValueError(f"{name} must lie in [0, {n}) for a table of {n} positions")
+                raise ValueError(
+                    f"{name} must lie in [0, {n}) for a table of {n} positions"
+                )
         if q.shape[1:2] + q.shape[-1:] != self.query_table.shape[1:]:
-            raise ValueError(f"tables are (n_positions, H, D) = {tuple(self.query_table.shape)}, q is {tuple(q.shape)}")
+            raise ValueError(
+                f"tables are (n_positions, H, D) = {tuple(self.query_table.shape)}, q is {tuple(q.shape)}"
+            )
         e_q = self.query_table[query_pos].transpose(0, 1).to(q.dtype)  # (H, L, D)
         e_k = self.key_table[key_pos].transpose(0, 1).to(k.dtype)  # (H, S, D)
         return scale * (q + e_q), k + e_k
@@ -160,12 +174,18 @@ class SinusoidalAbsolute(PositionalEncoding):
     def table(self, pos: Tensor) -> Tensor:
         """The embeddings :math:`e(p)` of positions ``pos`` (N,), float64, shape (N, D)."""
         cos, sin = _rotary_phases(pos, self.head_dim, self.base)
-        return torch.stack([sin, cos], dim=-1).flatten(-2)  # interleaved: sin, cos, sin, cos ...
+        return torch.stack([sin, cos], dim=-1).flatten(
+            -2
+        )  # interleaved: sin, cos, sin, cos ...
 
     def forward(self, q, k, query_pos, key_pos, *, scale):
         if q.shape[-1] != self.head_dim:
-            raise ValueError(f"q has head dimension {q.shape[-1]}, the encoding expects {self.head_dim}")
-        return scale * (q + self.table(query_pos).to(q.dtype)), k + self.table(key_pos).to(k.dtype)
+            raise ValueError(
+                f"q has head dimension {q.shape[-1]}, the encoding expects {self.head_dim}"
+            )
+        return scale * (q + self.table(query_pos).to(q.dtype)), k + self.table(
+            key_pos
+        ).to(k.dtype)
 
 
 class RoPE(PositionalEncoding):
@@ -191,13 +211,19 @@ class RoPE(PositionalEncoding):
 
     def rotate(self, t: Tensor, pos: Tensor) -> Tensor:
         """Rotate ``t`` (B, H, N, D) at positions ``pos`` (N,) pair by pair."""
-        cos, sin = (c.to(t.dtype) for c in _rotary_phases(pos, self.head_dim, self.base))  # (N, D/2)
+        cos, sin = (
+            c.to(t.dtype) for c in _rotary_phases(pos, self.head_dim, self.base)
+        )  # (N, D/2)
         even, odd = t[..., 0::2], t[..., 1::2]
-        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+        return torch.stack(
+            [even * cos - odd * sin, even * sin + odd * cos], dim=-1
+        ).flatten(-2)
 
     def forward(self, q, k, query_pos, key_pos, *, scale):
         if q.shape[-1] != self.head_dim:
-            raise ValueError(f"q has head dimension {q.shape[-1]}, the encoding expects {self.head_dim}")
+            raise ValueError(
+                f"q has head dimension {q.shape[-1]}, the encoding expects {self.head_dim}"
+            )
         return scale * self.rotate(q, query_pos), self.rotate(k, key_pos)
 
 
@@ -239,26 +265,40 @@ class ALiBi(PositionalEncoding):
         super().__init__()
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
             raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
-        if isinstance(lane_parts, bool) or not isinstance(lane_parts, int) or lane_parts < 1:
-            raise ValueError(f"lane_parts must be a positive integer, got {lane_parts!r}")
+        if (
+            isinstance(lane_parts, bool)
+            or not isinstance(lane_parts, int)
+            or lane_parts < 1
+        ):
+            raise ValueError(
+                f"lane_parts must be a positive integer, got {lane_parts!r}"
+            )
         if slopes is None:
             slopes = alibi_slopes(n_heads, dtype=torch.float64)
         slopes = torch.as_tensor(slopes, dtype=torch.float64)
         if slopes.shape != (n_heads,) or not torch.isfinite(slopes).all():
-            raise ValueError(f"slopes must be {n_heads} finite numbers, got shape {tuple(slopes.shape)}")
+            raise ValueError(
+                f"slopes must be {n_heads} finite numbers, got shape {tuple(slopes.shape)}"
+            )
         self.register_buffer("slopes", slopes)
         self.extra_channels = lane_parts
 
     def lane(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         r"""The key lane :math:`m_h(\text{pos}_j - \max_i \text{pos}_i)` in float64, shape (H, S)."""
-        centred = (key_pos - query_pos.max()).to(torch.float64)  # int64 difference: exact
+        centred = (key_pos - query_pos.max()).to(
+            torch.float64
+        )  # int64 difference: exact
         return self.slopes.to(torch.float64)[:, None] * centred[None, :]
 
     def forward(self, q, k, query_pos, key_pos, *, scale):
         if q.shape[1] != self.slopes.shape[0]:
-            raise ValueError(f"q has {q.shape[1]} heads, the encoding has {self.slopes.shape[0]} slopes")
+            raise ValueError(
+                f"q has {q.shape[1]} heads, the encoding has {self.slopes.shape[0]} slopes"
+            )
         B, H, L, _ = q.shape
-        lanes = sink_channels(self.lane(query_pos, key_pos), k.dtype, self.extra_channels).expand(B, -1, -1, -1)  # (B, H, S, parts)
+        lanes = sink_channels(
+            self.lane(query_pos, key_pos), k.dtype, self.extra_channels
+        ).expand(B, -1, -1, -1)  # (B, H, S, parts)
         ones = q.new_ones(B, H, L, self.extra_channels)
         return torch.cat([scale * q, ones], dim=-1), torch.cat([k, lanes], dim=-1)
 
@@ -320,14 +360,22 @@ def positional_attention(
     """
     _check_qkv(q, k, v, causal=causal)
     if not isinstance(encoding, PositionalEncoding):
-        raise ValueError(f"encoding must be a PositionalEncoding, got {type(encoding).__name__}")
+        raise ValueError(
+            f"encoding must be a PositionalEncoding, got {type(encoding).__name__}"
+        )
     L, S = q.shape[-2], k.shape[-2]
     scale = _default_scale(q.shape[-1], scale)
-    key_pos = torch.arange(S, device=q.device) if key_pos is None else _positions(key_pos, S, "key_pos", q.device)
+    key_pos = (
+        torch.arange(S, device=q.device)
+        if key_pos is None
+        else _positions(key_pos, S, "key_pos", q.device)
+    )
     if query_pos is None:
         if L > S:
-            raise ValueError(f"default query positions are the last L of S key positions: needs L <= S, got {L} > {S}")
-        query_pos = key_pos[S - L:]
+            raise ValueError(
+                f"default query positions are the last L of S key positions: needs L <= S, got {L} > {S}"
+            )
+        query_pos = key_pos[S - L :]
     else:
         query_pos = _positions(query_pos, L, "query_pos", q.device)
     if causal and not torch.equal(query_pos, key_pos):

@@ -51,10 +51,32 @@ __all__ = ["goat_to_otattn"]
 
 # Attributes of goat.GoatAttention (goat-attention 0.1.1) that the conversion reads.
 _REQUIRED = (
-    "embed_dim", "num_heads", "kv_num_heads", "head_dim", "content_dim", "pos_dim", "R", "M", "kdim", "vdim",
-    "lambda_sym", "lambda_asym", "rel_freqs_base", "abs_freqs_base", "enable_key_bias", "key_bias",
-    "training_seq_len", "prior_gate", "pos_encoding", "add_bias_kv", "add_zero_attn", "in_proj", "q_proj",
-    "k_proj", "v_proj", "out_proj",
+    "embed_dim",
+    "num_heads",
+    "kv_num_heads",
+    "head_dim",
+    "content_dim",
+    "pos_dim",
+    "R",
+    "M",
+    "kdim",
+    "vdim",
+    "lambda_sym",
+    "lambda_asym",
+    "rel_freqs_base",
+    "abs_freqs_base",
+    "enable_key_bias",
+    "key_bias",
+    "training_seq_len",
+    "prior_gate",
+    "pos_encoding",
+    "add_bias_kv",
+    "add_zero_attn",
+    "in_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
 )
 
 # Their frequency buffers are float32: a base recovered from them is the true one to
@@ -79,9 +101,13 @@ def _check_module(module) -> None:
             f"prior_gate={module.prior_gate!r} scales the prior by the query norm, which lanes of positions cannot express"
         )
     if module.pos_encoding != "1d":
-        raise ValueError(f"pos_encoding={module.pos_encoding!r} is not supported: only 1-D sequences ('1d') convert")
+        raise ValueError(
+            f"pos_encoding={module.pos_encoding!r} is not supported: only 1-D sequences ('1d') convert"
+        )
     if module.add_bias_kv or module.add_zero_attn:
-        raise ValueError("add_bias_kv and add_zero_attn append keys without a position, which our layer has no place for")
+        raise ValueError(
+            "add_bias_kv and add_zero_attn append keys without a position, which our layer has no place for"
+        )
     if module.kdim != module.embed_dim or module.vdim != module.embed_dim:
         raise ValueError(
             f"kdim={module.kdim} and vdim={module.vdim} must equal embed_dim={module.embed_dim}: our layer is self-attention"
@@ -93,7 +119,9 @@ def _check_module(module) -> None:
                 "which changes with every input; set training_seq_len to a fixed length"
             )
         if not isinstance(module.key_bias.act, nn.SiLU):
-            raise ValueError(f"the sink MLP's activation must be SiLU, got {type(module.key_bias.act).__name__}")
+            raise ValueError(
+                f"the sink MLP's activation must be SiLU, got {type(module.key_bias.act).__name__}"
+            )
 
 
 def _base(freqs: Tensor, name: str) -> float:
@@ -110,12 +138,21 @@ def _base(freqs: Tensor, name: str) -> float:
     base = 1.0 / omega[-1]
     if abs(base - round(base)) <= _FREQ_RTOL * base:
         base = float(round(base))
-    if not (base > 1 and np.allclose(spectral.goat_frequencies(n, base=base), omega, rtol=_FREQ_RTOL, atol=0)):
-        raise ValueError(f"{name} are not the geometric frequencies base**(-r/(n-1)) with a base above 1")
+    if not (
+        base > 1
+        and np.allclose(
+            spectral.goat_frequencies(n, base=base), omega, rtol=_FREQ_RTOL, atol=0
+        )
+    ):
+        raise ValueError(
+            f"{name} are not the geometric frequencies base**(-r/(n-1)) with a base above 1"
+        )
     return base
 
 
-def _head_rows(weight: Tensor, n_heads: int, head_dim: int, keep: int, pad: int) -> Tensor:
+def _head_rows(
+    weight: Tensor, n_heads: int, head_dim: int, keep: int, pad: int
+) -> Tensor:
     """Rows of a projection, (n_heads * head_dim, ...) -> (n_heads * (keep + pad), ...).
 
     Each head keeps its first ``keep`` rows and gains ``pad`` zero rows.
@@ -130,9 +167,16 @@ def _projections(module) -> dict[str, tuple[Tensor, Tensor | None]]:
     E, kvE = module.embed_dim, module.kv_num_heads * module.head_dim
     if module.in_proj is not None:
         w = module.in_proj.weight.split([E, kvE, kvE])
-        b = (None,) * 3 if module.in_proj.bias is None else module.in_proj.bias.split([E, kvE, kvE])
+        b = (
+            (None,) * 3
+            if module.in_proj.bias is None
+            else module.in_proj.bias.split([E, kvE, kvE])
+        )
         return dict(zip("qkv", zip(w, b)))
-    return {name: (p.weight, p.bias) for name, p in zip("qkv", (module.q_proj, module.k_proj, module.v_proj))}
+    return {
+        name: (p.weight, p.bias)
+        for name, p in zip("qkv", (module.q_proj, module.k_proj, module.v_proj))
+    }
 
 
 def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
@@ -176,20 +220,39 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
     _check_module(module)
-    H, G, D, d_c = module.num_heads, module.kv_num_heads, module.head_dim, module.content_dim
+    H, G, D, d_c = (
+        module.num_heads,
+        module.kv_num_heads,
+        module.head_dim,
+        module.content_dim,
+    )
     R, M, sink = module.R, module.M, bool(module.enable_key_bias)
     rank = max(R, 1)
-    pad = (2 * rank + GoatConfig.sink_parts) - module.pos_dim  # channels our head has and theirs has not, >= 0
+    pad = (
+        2 * rank + GoatConfig.sink_parts
+    ) - module.pos_dim  # channels our head has and theirs has not, >= 0
     proj = _projections(module)
     weight = proj["q"][0]
     has_bias = module.out_proj.bias is not None
     config = GoatConfig(
-        n_embd=module.embed_dim, n_head=H, n_kv_head=G, head_dim=D + pad, rank=rank, causal=causal,
-        sink_hidden=module.key_bias.fc1.out_features if sink else 0, sink_freq=max(M, 1),
-        recency=causal and sink, length=int(module.training_seq_len) if sink else 1024,
-        base=_base(module.rel_freqs_base, "rel_freqs_base") if R else 10_000.0, bias=has_bias,
-        sink_activation="silu", sink_log_position=True, sink_bump=sink,
-        sink_base=_base(module.abs_freqs_base, "abs_freqs_base") if sink and M else None,
+        n_embd=module.embed_dim,
+        n_head=H,
+        n_kv_head=G,
+        head_dim=D + pad,
+        rank=rank,
+        causal=causal,
+        sink_hidden=module.key_bias.fc1.out_features if sink else 0,
+        sink_freq=max(M, 1),
+        recency=causal and sink,
+        length=int(module.training_seq_len) if sink else 1024,
+        base=_base(module.rel_freqs_base, "rel_freqs_base") if R else 10_000.0,
+        bias=has_bias,
+        sink_activation="silu",
+        sink_log_position=True,
+        sink_bump=sink,
+        sink_base=_base(module.abs_freqs_base, "abs_freqs_base")
+        if sink and M
+        else None,
     )
     layer = GoatAttention(config).to(dtype=weight.dtype, device=weight.device)
     assert layer.d_c == d_c, (layer.d_c, d_c)  # the padding keeps their content size
@@ -198,7 +261,9 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
         layer.q_proj.weight.copy_(_head_rows(wq, H, D, d_c, 0))
         layer.k_proj.weight.copy_(_head_rows(wk, G, D, d_c, 0))
         layer.v_proj.weight.copy_(_head_rows(wv, G, D, D, pad))
-        layer.out_proj.weight.copy_(_head_rows(module.out_proj.weight.T, H, D, D, pad).T)
+        layer.out_proj.weight.copy_(
+            _head_rows(module.out_proj.weight.T, H, D, D, pad).T
+        )
         if has_bias:
             layer.q_proj.bias.copy_(_head_rows(bq, H, D, d_c, 0))
             layer.k_proj.bias.copy_(_head_rows(bk, G, D, d_c, 0))
@@ -208,17 +273,29 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
         prior.alpha.zero_()
         prior.beta.zero_()
         if R:
-            prior.alpha.copy_(module.lambda_sym.clamp(-_LAMBDA_CLAMP, _LAMBDA_CLAMP).repeat_interleave(H // G, dim=0))
-            prior.beta.copy_(module.lambda_asym.clamp(-_LAMBDA_CLAMP, _LAMBDA_CLAMP).repeat_interleave(H // G, dim=0))
+            prior.alpha.copy_(
+                module.lambda_sym.clamp(
+                    -_LAMBDA_CLAMP, _LAMBDA_CLAMP
+                ).repeat_interleave(H // G, dim=0)
+            )
+            prior.beta.copy_(
+                module.lambda_asym.clamp(
+                    -_LAMBDA_CLAMP, _LAMBDA_CLAMP
+                ).repeat_interleave(H // G, dim=0)
+            )
         if sink:
             scale = module.goat_prior_scale.detach().double()
             fc1, fc2 = module.key_bias.fc1, module.key_bias.fc2
-            w_in = fc1.weight  # (Hs, 2M + 2): [cos (M), sin (M), p/length, log-position]
+            w_in = (
+                fc1.weight
+            )  # (Hs, 2M + 2): [cos (M), sin (M), p/length, log-position]
             if M == 0:  # one frequency of zero weight stands for none
                 w_in = torch.cat([w_in.new_zeros(w_in.shape[0], 2), w_in], dim=1)
             prior.w_in.copy_(w_in.expand(G, *w_in.shape))
             prior.b_in.copy_(fc1.bias.expand(G, -1))
-            prior.w_out.copy_(scale * module.sink_gain.double()[:, None] * fc2.weight.double())
+            prior.w_out.copy_(
+                scale * module.sink_gain.double()[:, None] * fc2.weight.double()
+            )
             prior.bump.copy_(scale * module.sink_bump.double())
             if causal:
                 prior.slope.copy_(scale * F.softplus(module.recency_slope_raw.double()))

@@ -52,15 +52,20 @@ from torch import Tensor
 
 from otattn.nn.priors import Lanes
 
-__all__ = ["fused_query_key", "goat_attention", "lane_attention", "prior_attention", "sink_channels", "split_lane"]
+__all__ = [
+    "fused_query_key",
+    "goat_attention",
+    "lane_attention",
+    "prior_attention",
+    "sink_channels",
+    "split_lane",
+]
 
 # Log-prior given to a masked key in its sink lane.  It must make exp(logit) vanish next to
 # the row's largest logit: float32 underflows below e**-104 and float64 below e**-745, and
 # |content score + prior| stays far below 1e4 for any sane model.  It must also stay finite
 # (an -inf lane would give 0 * inf = NaN in the backward pass) and fit float16 (max 65504).
 _MASKED_LOG_PRIOR = -1.0e4
-
-
 
 
 def split_lane(values: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
@@ -118,7 +123,13 @@ def _check_4d(x: Tensor, name: str, axes: str) -> None:
 
 
 def fused_query_key(
-    q: Tensor, k: Tensor, lanes: Lanes, *, sink_parts: int = 1, rel_parts: int = 1, scale_in_kernel: bool = False
+    q: Tensor,
+    k: Tensor,
+    lanes: Lanes,
+    *,
+    sink_parts: int = 1,
+    rel_parts: int = 1,
+    scale_in_kernel: bool = False,
 ) -> Lanes:
     r"""Queries and keys for a kernel of scale 1: :math:`q' = [q_c/\sqrt{d_c}, q^{\mathrm{lane}}]`, :math:`k' = [k_c, k^{\mathrm{lane}}]`.
 
@@ -167,9 +178,16 @@ def fused_query_key(
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     (B, H, L, d_c), (Bk, G, S, d_k) = q.shape, k.shape
     if Bk != B or d_k != d_c or H % G:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B and d_c, and G must divide H")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B and d_c, and G must divide H"
+        )
     C = lanes.query.shape[-1]
-    if lanes.query.shape != (H, L, C) or lanes.key.ndim != 3 or lanes.key.shape[0] not in (1, G) or lanes.key.shape[1:] != (S, C):
+    if (
+        lanes.query.shape != (H, L, C)
+        or lanes.key.ndim != 3
+        or lanes.key.shape[0] not in (1, G)
+        or lanes.key.shape[1:] != (S, C)
+    ):
         raise ValueError(
             f"lanes of shapes {tuple(lanes.query.shape)} and {tuple(lanes.key.shape)} do not fit "
             f"q {tuple(q.shape)} and k {tuple(k.shape)}: expected ({H}, {L}, C) and ({G} or 1, {S}, C)"
@@ -180,12 +198,22 @@ def fused_query_key(
     dtype, root = k.dtype, math.sqrt(d_c)
     q_rel, k_rel = lanes.query[..., :-1], lanes.key[..., :-1]
     q_rel = (q_rel * root if scale_in_kernel else q_rel).to(dtype)
-    if rel_parts > 1:  # key parts lane-major within each part: [all highs, all lows, ...]
+    if (
+        rel_parts > 1
+    ):  # key parts lane-major within each part: [all highs, all lows, ...]
         k_rel = split_lane(k_rel, dtype, rel_parts).transpose(-1, -2).flatten(-2)
         q_rel = q_rel.repeat(1, 1, rel_parts)
     q_sink = lanes.query[..., -1:].to(dtype).expand(H, L, sink_parts)
-    u = lanes.key[..., -1].to(torch.float64) * root if scale_in_kernel else lanes.key[..., -1]
-    k_sink = u[..., None].to(dtype) if sink_parts == 1 else sink_channels(u, dtype, sink_parts)
+    u = (
+        lanes.key[..., -1].to(torch.float64) * root
+        if scale_in_kernel
+        else lanes.key[..., -1]
+    )
+    k_sink = (
+        u[..., None].to(dtype)
+        if sink_parts == 1
+        else sink_channels(u, dtype, sink_parts)
+    )
     q_c = q if scale_in_kernel else q / root
     return Lanes(query=_join(q_c, q_rel, q_sink), key=_join(k, k_rel.to(dtype), k_sink))
 
@@ -208,7 +236,13 @@ def _join(content: Tensor, *lanes: Tensor) -> Tensor:
 
 
 def lane_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float = 1.0, is_causal: bool = False, key_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float = 1.0,
+    is_causal: bool = False,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     r"""SDPA on fused queries and keys: :math:`o_i = \sum_j \operatorname{softmax}_j(\text{scale}\,\langle q'_i, k'_j\rangle) v_j`.
 
@@ -239,7 +273,9 @@ def lane_attention(
     _check_4d(k, "k", "(B, G, S, D)")
     _check_4d(v, "v", "(B, G, S, D)")
     if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share B and the head size D "
@@ -249,36 +285,71 @@ def lane_attention(
     if H % G:
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
     if key_mask is not None:
-        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, S):
-            got = (key_mask.dtype, tuple(key_mask.shape)) if isinstance(key_mask, Tensor) else type(key_mask).__name__
-            raise ValueError(f"key_mask must be a boolean tensor of shape (B, S) = ({B}, {S}), got {got}")
+        if (
+            not isinstance(key_mask, Tensor)
+            or key_mask.dtype != torch.bool
+            or key_mask.shape != (B, S)
+        ):
+            got = (
+                (key_mask.dtype, tuple(key_mask.shape))
+                if isinstance(key_mask, Tensor)
+                else type(key_mask).__name__
+            )
+            raise ValueError(
+                f"key_mask must be a boolean tensor of shape (B, S) = ({B}, {S}), got {got}"
+            )
         # -1e4 after the kernel's scale, or the most float16 can hold (then still below -1e3 for d_c < 250)
         masked = -min(-_MASKED_LOG_PRIOR / scale, torch.finfo(k.dtype).max / 4)
-        floor = torch.where(key_mask, 0.0, masked).to(k.dtype)[:, None, :, None]  # (B, 1, S, 1)
+        floor = torch.where(key_mask, 0.0, masked).to(k.dtype)[
+            :, None, :, None
+        ]  # (B, 1, S, 1)
         k = torch.cat([k[..., :-1], k[..., -1:] + floor], dim=-1)
     attn_mask, causal_flag = None, False
     if is_causal:
         if L > S:
-            raise ValueError(f"causal attention needs L <= S (the queries are the last L keys), got L={L}, S={S}")
+            raise ValueError(
+                f"causal attention needs L <= S (the queries are the last L keys), got L={L}, S={S}"
+            )
         if L == S:
             causal_flag = True
         elif L > 1:  # the slow path: an explicit (L, S) boolean mask, diagonal at S - L
-            attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(
+                diagonal=S - L
+            )
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=causal_flag, scale=scale, enable_gqa=G != H
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        is_causal=causal_flag,
+        scale=scale,
+        enable_gqa=G != H,
     )
     if key_mask is not None:
         # Row i sees keys up to last[i]; it is empty if the first allowed key lies beyond.
-        last = torch.arange(S - L, S, device=q.device) if is_causal else torch.full((L,), S - 1, device=q.device)
-        first = torch.where(key_mask.any(-1), key_mask.to(torch.int8).argmax(-1), S)  # (B,)
+        last = (
+            torch.arange(S - L, S, device=q.device)
+            if is_causal
+            else torch.full((L,), S - 1, device=q.device)
+        )
+        first = torch.where(
+            key_mask.any(-1), key_mask.to(torch.int8).argmax(-1), S
+        )  # (B,)
         seen = (first[:, None] <= last[None, :]).to(out.dtype)  # (B, L)
         out = out * seen[:, None, :, None]
     return out
 
 
 def goat_attention(
-    q: Tensor, k: Tensor, v: Tensor, lanes: Lanes, *, is_causal: bool = False, key_mask: Tensor | None = None,
-    sink_parts: int = 1, rel_parts: int = 1,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lanes: Lanes,
+    *,
+    is_causal: bool = False,
+    key_mask: Tensor | None = None,
+    sink_parts: int = 1,
+    rel_parts: int = 1,
 ) -> Tensor:
     r"""GOAT attention :math:`o_i = \sum_j \operatorname{softmax}_j(s_{ij} + K_{ij})\, v_j`, fused.
 
@@ -312,17 +383,33 @@ def goat_attention(
     out : Tensor, shape (B, H, L, D)
     """
     _check_4d(v, "v", "(B, G, S, D)")
-    fused = fused_query_key(q, k, lanes, sink_parts=sink_parts, rel_parts=rel_parts, scale_in_kernel=True)
+    fused = fused_query_key(
+        q, k, lanes, sink_parts=sink_parts, rel_parts=rel_parts, scale_in_kernel=True
+    )
     if v.shape[-1] != fused.query.shape[-1]:
         C = fused.query.shape[-1] - q.shape[-1]
         raise ValueError(
             f"the value head size must be d_c + C' = {q.shape[-1]} + {C} = {q.shape[-1] + C} so that SDPA stays fused, "
             f"got {v.shape[-1]}"
         )
-    return lane_attention(fused.query, fused.key, v, scale=q.shape[-1] ** -0.5, is_causal=is_causal, key_mask=key_mask)
+    return lane_attention(
+        fused.query,
+        fused.key,
+        v,
+        scale=q.shape[-1] ** -0.5,
+        is_causal=is_causal,
+        key_mask=key_mask,
+    )
 
 
-def prior_attention(q: Tensor, k: Tensor, v: Tensor, *, log_prior: Tensor | None = None, scale: float | None = None) -> Tensor:
+def prior_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    log_prior: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
     r"""Explicit attention with a prior: :math:`o_i = \sum_j \operatorname{softmax}(s_i + \log\pi_i)_j\, v_j`.
 
     Torch twin of :func:`otattn.attention.prior_attention` (with ``eps = 1``), the math
@@ -345,12 +432,16 @@ def prior_attention(q: Tensor, k: Tensor, v: Tensor, *, log_prior: Tensor | None
     out : Tensor, shape (..., L, Dv)
     """
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit (..., L, D), (..., S, D), (..., S, Dv)")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit (..., L, D), (..., S, D), (..., S, Dv)"
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = scale * torch.einsum("...id,...jd->...ij", q, k)
     if log_prior is None:
         return torch.softmax(logits, dim=-1) @ v
     log_prior = torch.broadcast_to(log_prior, logits.shape)
     empty = torch.all(log_prior == -math.inf, dim=-1, keepdim=True)
-    plan = torch.softmax(logits + log_prior.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    plan = torch.softmax(
+        logits + log_prior.masked_fill(empty, 0.0), dim=-1
+    ).masked_fill(empty, 0.0)
     return plan @ v

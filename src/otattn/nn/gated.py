@@ -49,19 +49,33 @@ __all__ = [
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> None:
     """Raise ``ValueError`` unless ``q, k, v`` are 4-D floating tensors that fit together."""
-    for name, t, axes in (("q", q, "(B, H, L, D)"), ("k", k, "(B, H, S, D)"), ("v", v, "(B, H, S, Dv)")):
+    for name, t, axes in (
+        ("q", q, "(B, H, L, D)"),
+        ("k", k, "(B, H, S, D)"),
+        ("v", v, "(B, H, S, Dv)"),
+    ):
         if not isinstance(t, Tensor) or t.ndim != 4:
-            raise ValueError(f"{name} must be a 4-D tensor of shape {axes}, got {getattr(t, 'shape', type(t))}")
+            raise ValueError(
+                f"{name} must be a 4-D tensor of shape {axes}, got {getattr(t, 'shape', type(t))}"
+            )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"q, k, v must share (B, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share (B, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}")
+        raise ValueError(
+            f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}"
+        )
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v must have the same number of keys S, got {k.shape[-2]} and {v.shape[-2]}")
+        raise ValueError(
+            f"k and v must have the same number of keys S, got {k.shape[-2]} and {v.shape[-2]}"
+        )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"causal=True needs L == S (SDPA aligns its causal mask top-left), got L={q.shape[-2]}, S={k.shape[-2]}"
@@ -72,7 +86,11 @@ def _default_scale(D: int, scale: float | None) -> float:
     """``1/sqrt(D)`` by default, else ``scale`` checked to be positive and finite."""
     if scale is None:
         return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not (math.isfinite(scale) and scale > 0)
+    ):
         raise ValueError(f"scale must be a positive finite real number, got {scale!r}")
     return float(scale)
 
@@ -82,7 +100,9 @@ def _pad_last(t: Tensor, width: int) -> Tensor:
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
+def fused_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
+) -> Tensor:
     r"""Softmax attention :math:`O = \operatorname{softmax}(\text{scale}\, Q K^\top)\, V` through SDPA's fused kernels.
 
     PyTorch's flash kernels need one head size for ``q``, ``k`` and ``v`` (otherwise SDPA
@@ -139,25 +159,44 @@ class GatedAttentionResult:
     gate: Tensor
 
 
-def _check_gate(x: Tensor, w_gate: Tensor, B: int, H: int, L: int, Dv: int, dtype: torch.dtype) -> None:
+def _check_gate(
+    x: Tensor, w_gate: Tensor, B: int, H: int, L: int, Dv: int, dtype: torch.dtype
+) -> None:
     """Raise ``ValueError`` unless ``x`` (B, L, M) and ``w_gate`` (M, H, G) match the heads."""
     if not isinstance(x, Tensor) or x.ndim != 3 or tuple(x.shape[:2]) != (B, L):
-        raise ValueError(f"x must have shape (B, L, M) = ({B}, {L}, M), got {getattr(x, 'shape', type(x))}")
+        raise ValueError(
+            f"x must have shape (B, L, M) = ({B}, {L}, M), got {getattr(x, 'shape', type(x))}"
+        )
     if not isinstance(w_gate, Tensor) or w_gate.ndim != 3:
-        raise ValueError(f"w_gate must have shape (M, H, G), got {getattr(w_gate, 'shape', type(w_gate))}")
+        raise ValueError(
+            f"w_gate must have shape (M, H, G), got {getattr(w_gate, 'shape', type(w_gate))}"
+        )
     M, H_w, G = w_gate.shape
     if x.shape[-1] != M:
         raise ValueError(f"x has M = {x.shape[-1]} features but w_gate expects M = {M}")
     if H_w != H:
-        raise ValueError(f"w_gate must have one column block per head: expected H = {H}, got {H_w}")
+        raise ValueError(
+            f"w_gate must have one column block per head: expected H = {H}, got {H_w}"
+        )
     if G not in (1, Dv):
-        raise ValueError(f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), got {G}")
+        raise ValueError(
+            f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), got {G}"
+        )
     if x.dtype != dtype or w_gate.dtype != dtype:
-        raise ValueError(f"x and w_gate must have the dtype of q ({dtype}), got {x.dtype} and {w_gate.dtype}")
+        raise ValueError(
+            f"x and w_gate must have the dtype of q ({dtype}), got {x.dtype} and {w_gate.dtype}"
+        )
 
 
 def gated_attention(
-    q: Tensor, k: Tensor, v: Tensor, x: Tensor, w_gate: Tensor, *, causal: bool = False, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    x: Tensor,
+    w_gate: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
 ) -> GatedAttentionResult:
     r"""Gated attention :math:`Y' = Y \odot \sigma(X W_g)`, the gate after the kernel (G1).
 
@@ -211,7 +250,13 @@ class SinkAttentionResult:
 
 
 def sink_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, sink_logit, causal: bool = False, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    sink_logit,
+    causal: bool = False,
+    scale: float | None = None,
 ) -> SinkAttentionResult:
     r"""Attention with a learned sink logit: a virtual key with value zero and logit :math:`b`.
 
@@ -276,20 +321,29 @@ def sink_attention(
     try:
         b = torch.broadcast_to(b, (B, H, L))
     except RuntimeError:
-        raise ValueError(f"sink_logit of shape {tuple(b.shape)} does not broadcast to the rows {(B, H, L)}") from None
+        raise ValueError(
+            f"sink_logit of shape {tuple(b.shape)} does not broadcast to the rows {(B, H, L)}"
+        ) from None
     if not torch.isfinite(b).all():
         raise ValueError("sink_logit must be finite")
     W = max(D + 1, Dv + 2)
     q_aug = _pad_last(torch.cat([scale * q, b.unsqueeze(-1)], dim=-1), W)
-    if causal:  # the dummy first query: with top-left alignment, row i + 1 sees keys 0..i + 1
+    if (
+        causal
+    ):  # the dummy first query: with top-left alignment, row i + 1 sees keys 0..i + 1
         q_aug = torch.cat([q_aug.new_zeros(B, H, 1, W), q_aug], dim=-2)
     sink_key = q.new_zeros(B, H, 1, W)
     sink_key[..., D] = 1.0
     k_aug = torch.cat([sink_key, _pad_last(k, W)], dim=-2)
     sink_value = v.new_zeros(B, H, 1, W)
     sink_value[..., Dv + 1] = 1.0
-    v_aug = torch.cat([sink_value, _pad_last(torch.cat([v, v.new_ones(B, H, S, 1)], dim=-1), W)], dim=-2)
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=causal, scale=1.0)
+    v_aug = torch.cat(
+        [sink_value, _pad_last(torch.cat([v, v.new_ones(B, H, S, 1)], dim=-1), W)],
+        dim=-2,
+    )
+    out = F.scaled_dot_product_attention(
+        q_aug, k_aug, v_aug, is_causal=causal, scale=1.0
+    )
     if causal:
         out = out[..., 1:, :]
     real_mass, sink_weight = out[..., Dv], out[..., Dv + 1]
@@ -320,12 +374,22 @@ class GatedAttentionConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
-                raise ValueError(f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; give head_dim")
+                raise ValueError(
+                    f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; give head_dim"
+                )
             self.head_dim = self.d_model // self.n_heads
-        elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
-            raise ValueError(f"head_dim must be a positive integer, got {self.head_dim!r}")
+        elif (
+            isinstance(self.head_dim, bool)
+            or not isinstance(self.head_dim, int)
+            or self.head_dim < 1
+        ):
+            raise ValueError(
+                f"head_dim must be a positive integer, got {self.head_dim!r}"
+            )
         if self.gate not in ("elementwise", "headwise"):
-            raise ValueError(f"gate must be 'elementwise' or 'headwise', got {self.gate!r}")
+            raise ValueError(
+                f"gate must be 'elementwise' or 'headwise', got {self.gate!r}"
+            )
 
 
 class GatedAttention(nn.Module):
@@ -349,14 +413,24 @@ class GatedAttention(nn.Module):
     @property
     def w_gate(self) -> Tensor:
         """The gate weights as :func:`gated_attention` takes them, shape (d_model, H, G)."""
-        return self.gate_proj.weight.T.reshape(self.config.d_model, self.config.n_heads, -1)
+        return self.gate_proj.weight.T.reshape(
+            self.config.d_model, self.config.n_heads, -1
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Gated attention of the normalised input ``x`` (B, L, d_model) -> (B, L, d_model)."""
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"x must have shape (B, L, {self.config.d_model}), got {getattr(x, 'shape', type(x))}")
+        if (
+            not isinstance(x, Tensor)
+            or x.ndim != 3
+            or x.shape[-1] != self.config.d_model
+        ):
+            raise ValueError(
+                f"x must have shape (B, L, {self.config.d_model}), got {getattr(x, 'shape', type(x))}"
+            )
         B, L, _ = x.shape
         H, Dh = self.config.n_heads, self.config.head_dim
-        q, k, v = self.qkv(x).view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
+        q, k, v = (
+            self.qkv(x).view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        )  # each (B, H, L, Dh)
         y = gated_attention(q, k, v, x, self.w_gate, causal=self.config.causal).out
         return self.out_proj(y.transpose(1, 2).reshape(B, L, H * Dh))

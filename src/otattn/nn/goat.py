@@ -85,24 +85,42 @@ class GoatConfig:
     gate: str | None = None
 
     def __post_init__(self) -> None:
-        if min(self.n_embd, self.n_head, self.rank, self.sink_parts, self.n_axes, self.rel_parts) < 1:
-            raise ValueError("n_embd, n_head, rank, sink_parts, n_axes and rel_parts must be positive")
+        if (
+            min(
+                self.n_embd,
+                self.n_head,
+                self.rank,
+                self.sink_parts,
+                self.n_axes,
+                self.rel_parts,
+            )
+            < 1
+        ):
+            raise ValueError(
+                "n_embd, n_head, rank, sink_parts, n_axes and rel_parts must be positive"
+            )
         if self.n_axes > 1 and (self.causal or self.recency):
             raise ValueError(
                 f"a grid prior (n_axes={self.n_axes}) needs causal=False and recency=False: grid tokens have no order, "
                 f"got causal={self.causal}, recency={self.recency}"
             )
         if self.head_dim is None and self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; pass head_dim")
+            raise ValueError(
+                f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; pass head_dim"
+            )
         if self.dim <= self.prior_channels:
             raise ValueError(
                 f"head_dim={self.dim} is too small for rank={self.rank}: the prior takes 2 * n_axes * R * rel_parts + sink_parts = "
                 f"{self.prior_channels} channels and leaves no content channel"
             )
         if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
+            raise ValueError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}"
+            )
         if self.gate not in (None, "elementwise", "headwise"):
-            raise ValueError(f"gate must be None, 'elementwise' or 'headwise', got {self.gate!r}")
+            raise ValueError(
+                f"gate must be None, 'elementwise' or 'headwise', got {self.gate!r}"
+            )
 
     @property
     def dim(self) -> int:
@@ -158,22 +176,43 @@ class KVCache:
         return torch.arange(start, start + L, device=device)
 
     def append(
-        self, key: Tensor, value: Tensor, positions: Tensor, sink: Tensor, origin: int, slope: Tensor | None
+        self,
+        key: Tensor,
+        value: Tensor,
+        positions: Tensor,
+        sink: Tensor,
+        origin: int,
+        slope: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """Store a new block whose sink lane ``sink`` (G, S_new) is measured from ``origin``; return all keys and values."""
         sink = sink.detach().to(torch.float64)
         if self.key is not None:
             old = self.sink
-            if slope is not None and origin != self.origin:  # re-centre: a row constant, exact in float64
-                old = old - slope.detach().to(torch.float64)[:, None] * float(origin - self.origin)
+            if (
+                slope is not None and origin != self.origin
+            ):  # re-centre: a row constant, exact in float64
+                old = old - slope.detach().to(torch.float64)[:, None] * float(
+                    origin - self.origin
+                )
             S_old, n = self.key.shape[2], self.config.sink_parts
             key = torch.cat([self.key, key], dim=2)
             with torch.no_grad():
                 # the layer's layout carries sqrt(d_c) u (fused_query_key, scale_in_kernel=True)
-                key[:, :, :S_old, -n:] = sink_channels(old * math.sqrt(self.config.content_dim), key.dtype, n)
-            value, positions = torch.cat([self.value, value], dim=2), torch.cat([self.positions, positions])
+                key[:, :, :S_old, -n:] = sink_channels(
+                    old * math.sqrt(self.config.content_dim), key.dtype, n
+                )
+            value, positions = (
+                torch.cat([self.value, value], dim=2),
+                torch.cat([self.positions, positions]),
+            )
             sink = torch.cat([old, sink], dim=1)
-        self.key, self.value, self.positions, self.sink, self.origin = key, value, positions, sink, origin
+        self.key, self.value, self.positions, self.sink, self.origin = (
+            key,
+            value,
+            positions,
+            sink,
+            origin,
+        )
         return key, value
 
 
@@ -208,13 +247,29 @@ class GoatAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, G * D, bias=config.bias)
         self.out_proj = nn.Linear(H * D, config.n_embd, bias=config.bias)
         self.gate_proj = None
-        if config.gate is not None:  # G1 gate: one per head and channel, or one per head
-            self.gate_proj = nn.Linear(config.n_embd, H * (D if config.gate == "elementwise" else 1), bias=False)
+        if (
+            config.gate is not None
+        ):  # G1 gate: one per head and channel, or one per head
+            self.gate_proj = nn.Linear(
+                config.n_embd,
+                H * (D if config.gate == "elementwise" else 1),
+                bias=False,
+            )
         self.prior = GoatPrior(
-            H, config.rank, n_kv_head=G, base=config.base, sink_hidden=config.sink_hidden,
-            sink_freq=config.sink_freq, length=config.length, recency=config.recency, init=config.init,
-            sink_activation=config.sink_activation, sink_log_position=config.sink_log_position,
-            sink_bump=config.sink_bump, sink_base=config.sink_base, n_axes=config.n_axes,
+            H,
+            config.rank,
+            n_kv_head=G,
+            base=config.base,
+            sink_hidden=config.sink_hidden,
+            sink_freq=config.sink_freq,
+            length=config.length,
+            recency=config.recency,
+            init=config.init,
+            sink_activation=config.sink_activation,
+            sink_log_position=config.sink_log_position,
+            sink_bump=config.sink_bump,
+            sink_base=config.sink_base,
+            n_axes=config.n_axes,
         )
 
     def new_cache(self, batch: int) -> KVCache:
@@ -224,11 +279,18 @@ class GoatAttention(nn.Module):
 
     def _refuse_cache(self) -> None:
         if self.config.n_axes > 1:
-            raise ValueError(f"a grid layer (n_axes={self.config.n_axes}) attends to all its tokens at once: no KV cache")
+            raise ValueError(
+                f"a grid layer (n_axes={self.config.n_axes}) attends to all its tokens at once: no KV cache"
+            )
 
     def forward(
-        self, x: Tensor, *, positions: Tensor | None = None, has_position: Tensor | None = None,
-        key_mask: Tensor | None = None, cache: KVCache | None = None,
+        self,
+        x: Tensor,
+        *,
+        positions: Tensor | None = None,
+        has_position: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Self-attention of ``x`` (B, L, E) at integer ``positions`` (L,), or (L, A) on a grid; returns (B, L, E).
 
@@ -241,11 +303,15 @@ class GoatAttention(nn.Module):
         """
         cfg = self.config
         if x.ndim != 3 or x.shape[-1] != cfg.n_embd:
-            raise ValueError(f"x must have shape (B, L, n_embd={cfg.n_embd}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, L, n_embd={cfg.n_embd}), got {tuple(x.shape)}"
+            )
         B, L, _ = x.shape
         if cache is not None:
             self._refuse_cache()
-        if cache is not None and (cache.layer_id != self.layer_id or cache.batch != B or cache.config != cfg):
+        if cache is not None and (
+            cache.layer_id != self.layer_id or cache.batch != B or cache.config != cfg
+        ):
             raise ValueError(
                 f"this KV cache belongs to layer {cache.layer_id} with batch {cache.batch}, "
                 f"not to layer {self.layer_id} with batch {B}"
@@ -253,24 +319,55 @@ class GoatAttention(nn.Module):
         if cfg.n_axes > 1:
             if positions is None or positions.shape != (L, cfg.n_axes):
                 got = None if positions is None else tuple(positions.shape)
-                raise ValueError(f"a grid layer needs positions of shape (L, A) = ({L}, {cfg.n_axes}), got {got}")
+                raise ValueError(
+                    f"a grid layer needs positions of shape (L, A) = ({L}, {cfg.n_axes}), got {got}"
+                )
             origin = None  # no recency term on a grid
         else:
             if positions is None:
-                positions = torch.arange(L, device=x.device) if cache is None else cache.next_positions(L, x.device)
+                positions = (
+                    torch.arange(L, device=x.device)
+                    if cache is None
+                    else cache.next_positions(L, x.device)
+                )
             if positions.shape != (L,):
-                raise ValueError(f"positions must have shape (L,) = ({L},), got {tuple(positions.shape)}")
+                raise ValueError(
+                    f"positions must have shape (L,) = ({L},), got {tuple(positions.shape)}"
+                )
             origin = int(positions[-1])
         q = self.q_proj(x).view(B, L, cfg.n_head, self.d_c).transpose(1, 2)
         k = self.k_proj(x).view(B, L, cfg.kv_heads, self.d_c).transpose(1, 2)
         v = self.v_proj(x).view(B, L, cfg.kv_heads, cfg.dim).transpose(1, 2)
-        lanes = self.prior.lanes(positions, positions, key_origin=origin,
-                                 query_has_position=has_position, key_has_position=has_position)
-        fused = fused_query_key(q, k, lanes, sink_parts=cfg.sink_parts, rel_parts=cfg.rel_parts, scale_in_kernel=True)
+        lanes = self.prior.lanes(
+            positions,
+            positions,
+            key_origin=origin,
+            query_has_position=has_position,
+            key_has_position=has_position,
+        )
+        fused = fused_query_key(
+            q,
+            k,
+            lanes,
+            sink_parts=cfg.sink_parts,
+            rel_parts=cfg.rel_parts,
+            scale_in_kernel=True,
+        )
         key = fused.key
         if cache is not None:
-            key, v = cache.append(key, v, positions, lanes.key[..., -1], origin, self.prior.slope)
-        y = lane_attention(fused.query, key, v, scale=self.d_c**-0.5, is_causal=cfg.causal, key_mask=key_mask)
+            key, v = cache.append(
+                key, v, positions, lanes.key[..., -1], origin, self.prior.slope
+            )
+        y = lane_attention(
+            fused.query,
+            key,
+            v,
+            scale=self.d_c**-0.5,
+            is_causal=cfg.causal,
+            key_mask=key_mask,
+        )
         if self.gate_proj is not None:
-            y = y * gate_values(x, self.gate_proj.weight.T.reshape(cfg.n_embd, cfg.n_head, -1))
+            y = y * gate_values(
+                x, self.gate_proj.weight.T.reshape(cfg.n_embd, cfg.n_head, -1)
+            )
         return self.out_proj(y.transpose(1, 2).reshape(B, L, cfg.n_head * cfg.dim))

@@ -79,21 +79,36 @@ class Lanes:
 
 def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tensor:
     """Return integer positions of shape (N,), or (N, n_axes) on a grid, as int64, or raise."""
-    if not isinstance(pos, Tensor) or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+    if (
+        not isinstance(pos, Tensor)
+        or pos.dtype.is_floating_point
+        or pos.dtype.is_complex
+        or pos.dtype == torch.bool
+    ):
         dtype = pos.dtype if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"{name} must be an integer tensor of positions, got {dtype}")
     if n_axes is None and (pos.ndim != 1 or pos.numel() == 0):
-        raise ValueError(f"{name} must have shape (N,) with N >= 1, got {tuple(pos.shape)}")
-    if n_axes is not None and (pos.ndim != 2 or pos.shape[0] == 0 or pos.shape[1] != n_axes):
-        raise ValueError(f"{name} must have shape (N, A) = (N, {n_axes}) with N >= 1 on a grid, got {tuple(pos.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N,) with N >= 1, got {tuple(pos.shape)}"
+        )
+    if n_axes is not None and (
+        pos.ndim != 2 or pos.shape[0] == 0 or pos.shape[1] != n_axes
+    ):
+        raise ValueError(
+            f"{name} must have shape (N, A) = (N, {n_axes}) with N >= 1 on a grid, got {tuple(pos.shape)}"
+        )
     if pos.abs().max().item() > _MAX_POSITION:
-        raise ValueError(f"{name} must lie within +-2**53 so that float64 holds them exactly")
+        raise ValueError(
+            f"{name} must lie within +-2**53 so that float64 holds them exactly"
+        )
     return pos.to(torch.int64)
 
 
 def _frequencies(R: int, base: float, device) -> Tensor:
     """Frequencies of :func:`otattn.spectral.goat_frequencies` as a float64 tensor (R,)."""
-    return torch.as_tensor(spectral.goat_frequencies(R, base=base), dtype=torch.float64, device=device)
+    return torch.as_tensor(
+        spectral.goat_frequencies(R, base=base), dtype=torch.float64, device=device
+    )
 
 
 def phase_lanes(pos: Tensor, omega: Tensor) -> Tensor:
@@ -117,7 +132,9 @@ def phase_lanes(pos: Tensor, omega: Tensor) -> Tensor:
     pos = _check_positions(pos, "pos")
     # Positions are a short vector: the phases are formed on the host by the one exact
     # implementation, otattn.spectral.phase_lanes, and moved to the positions' device.
-    lanes = spectral.phase_lanes(pos.cpu().numpy(), omega.detach().to(torch.float64).cpu().numpy())
+    lanes = spectral.phase_lanes(
+        pos.cpu().numpy(), omega.detach().to(torch.float64).cpu().numpy()
+    )
     return torch.from_numpy(lanes).to(pos.device)
 
 
@@ -128,15 +145,29 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 def _has_position(flags: Tensor | None, n: int, name: str) -> Tensor | None:
     """Check a class-token flag vector: ``None``, or a boolean tensor of shape (n,)."""
-    if flags is not None and (not isinstance(flags, Tensor) or flags.dtype != torch.bool or flags.shape != (n,)):
-        got = (flags.dtype, tuple(flags.shape)) if isinstance(flags, Tensor) else type(flags).__name__
+    if flags is not None and (
+        not isinstance(flags, Tensor)
+        or flags.dtype != torch.bool
+        or flags.shape != (n,)
+    ):
+        got = (
+            (flags.dtype, tuple(flags.shape))
+            if isinstance(flags, Tensor)
+            else type(flags).__name__
+        )
         raise ValueError(f"{name} must be a boolean tensor of shape ({n},), got {got}")
     return flags
 
 
 def relative_lanes(
-    alpha: Tensor, beta: Tensor, query_pos: Tensor, key_pos: Tensor, *, base: float = 10_000.0,
-    query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+    alpha: Tensor,
+    beta: Tensor,
+    query_pos: Tensor,
+    key_pos: Tensor,
+    *,
+    base: float = 10_000.0,
+    query_has_position: Tensor | None = None,
+    key_has_position: Tensor | None = None,
 ) -> Lanes:
     r"""Lanes of the relative prior :math:`\kappa_h(p_i - p_j)`, one set of weights per head.
 
@@ -169,17 +200,26 @@ def relative_lanes(
         )
     grid = alpha.ndim == 3
     n_axes = alpha.shape[1] if grid else 1
-    query_pos = _check_positions(query_pos, "query_pos", n_axes if grid else None).reshape(-1, n_axes)  # (L, A)
-    key_pos = _check_positions(key_pos, "key_pos", n_axes if grid else None).reshape(-1, n_axes)  # (S, A)
+    query_pos = _check_positions(
+        query_pos, "query_pos", n_axes if grid else None
+    ).reshape(-1, n_axes)  # (L, A)
+    key_pos = _check_positions(key_pos, "key_pos", n_axes if grid else None).reshape(
+        -1, n_axes
+    )  # (S, A)
     q_on = _has_position(query_has_position, query_pos.shape[0], "query_has_position")
     k_on = _has_position(key_has_position, key_pos.shape[0], "key_has_position")
     dtype = _compute_dtype(alpha)
     omega = _frequencies(alpha.shape[-1], base, alpha.device)
-    alpha, beta = (w.to(dtype).reshape(w.shape[0], n_axes, -1) for w in (alpha, beta))  # (H, A, R)
+    alpha, beta = (
+        w.to(dtype).reshape(w.shape[0], n_axes, -1) for w in (alpha, beta)
+    )  # (H, A, R)
     q_parts, k_parts = [], []
     for ax in range(n_axes):
         # contiguous: a broadcast product with a strided (L, R) view is ~100x slower on CPU (torch 2.13)
-        cq, sq = (t.contiguous() for t in phase_lanes(query_pos[:, ax], omega).to(dtype).chunk(2, dim=1))  # (L, R) each
+        cq, sq = (
+            t.contiguous()
+            for t in phase_lanes(query_pos[:, ax], omega).to(dtype).chunk(2, dim=1)
+        )  # (L, R) each
         a, b = alpha[:, ax, None, :], beta[:, ax, None, :]  # (H, 1, R)
         q_parts += [a * cq + b * sq, a * sq - b * cq]
         k_parts.append(phase_lanes(key_pos[:, ax], omega).to(dtype))
@@ -192,7 +232,12 @@ def relative_lanes(
 
 
 def sink_features(
-    key_pos: Tensor, *, length: int, n_freq: int, base: float = 10_000.0, log_position: bool = False
+    key_pos: Tensor,
+    *,
+    length: int,
+    n_freq: int,
+    base: float = 10_000.0,
+    log_position: bool = False,
 ) -> Tensor:
     r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`, float64 (S, F).
 
@@ -218,9 +263,18 @@ _SINK_ACTIVATIONS = {"tanh": torch.tanh, "silu": torch.nn.functional.silu}
 
 
 def sink_term(
-    w_in: Tensor, b_in: Tensor, w_out: Tensor, slope: Tensor | None, key_pos: Tensor, *,
-    length: int, base: float = 10_000.0, key_origin: int | None = None,
-    activation: str = "tanh", log_position: bool = False, bump: Tensor | None = None,
+    w_in: Tensor,
+    b_in: Tensor,
+    w_out: Tensor,
+    slope: Tensor | None,
+    key_pos: Tensor,
+    *,
+    length: int,
+    base: float = 10_000.0,
+    key_origin: int | None = None,
+    activation: str = "tanh",
+    log_position: bool = False,
+    bump: Tensor | None = None,
 ) -> Tensor:
     r"""Key-only sink term per key/value head: :math:`u_g(p) = w_{\mathrm{out},g}^\top \sigma(W_{\mathrm{in},g}\phi(p) + b_{\mathrm{in},g}) + b_g [p = 0] + m_g (p - p_0)`.
 
@@ -256,19 +310,33 @@ def sink_term(
     u : Tensor, shape (G, S), in the compute dtype (at least float32)
     """
     extra = 2 if log_position else 1
-    if (w_in.ndim != 3 or (w_in.shape[2] - extra) % 2 or w_in.shape[2] < extra + 2
-            or b_in.shape != w_in.shape[:2] or w_out.shape != w_in.shape[:2]):
+    if (
+        w_in.ndim != 3
+        or (w_in.shape[2] - extra) % 2
+        or w_in.shape[2] < extra + 2
+        or b_in.shape != w_in.shape[:2]
+        or w_out.shape != w_in.shape[:2]
+    ):
         raise ValueError(
             f"sink weights must be w_in (G, Hs, 2n+{extra}), b_in (G, Hs), w_out (G, Hs); got "
             f"{tuple(w_in.shape)}, {tuple(b_in.shape)}, {tuple(w_out.shape)}"
         )
     if activation not in _SINK_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {activation!r}"
+        )
     dtype = _compute_dtype(w_in)
     features = sink_features(
-        key_pos, length=length, n_freq=(w_in.shape[2] - extra) // 2, base=base, log_position=log_position
+        key_pos,
+        length=length,
+        n_freq=(w_in.shape[2] - extra) // 2,
+        base=base,
+        log_position=log_position,
     ).to(dtype)
-    hidden = _SINK_ACTIVATIONS[activation](torch.einsum("gkf,sf->gsk", w_in.to(dtype), features) + b_in.to(dtype)[:, None, :])
+    hidden = _SINK_ACTIVATIONS[activation](
+        torch.einsum("gkf,sf->gsk", w_in.to(dtype), features)
+        + b_in.to(dtype)[:, None, :]
+    )
     u = torch.einsum("gsk,gk->gs", hidden, w_out.to(dtype))
     if bump is not None:
         u = u + _first_key_bump(bump, key_pos, dtype)
@@ -285,11 +353,15 @@ def _first_key_bump(bump: Tensor, key_pos: Tensor, dtype: torch.dtype) -> Tensor
     return bump.to(dtype)[:, None] * first[None, :]
 
 
-def _recency(slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torch.dtype) -> Tensor:
+def _recency(
+    slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torch.dtype
+) -> Tensor:
     """``m_g (p_j - p_0)``, (G, S): the offset is an exact integer before it is scaled."""
     if slope.ndim != 1:
         raise ValueError(f"slope must have shape (G,), got {tuple(slope.shape)}")
-    offset = _check_positions(key_pos, "key_pos") - (0 if key_origin is None else int(key_origin))
+    offset = _check_positions(key_pos, "key_pos") - (
+        0 if key_origin is None else int(key_origin)
+    )
     return slope.to(dtype)[:, None] * offset.to(torch.float64).to(dtype)[None, :]
 
 
@@ -339,7 +411,9 @@ def log_prior_from_lanes(lanes: Lanes) -> Tensor:
 
 def alibi_slopes(n_head: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
     r"""ALiBi's slopes :math:`m_h = 2^{-8h/H}`, :math:`h = 1, \dots, H` :cite:`press2022alibi`, shape (H,)."""
-    return torch.tensor([2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)], dtype=dtype)
+    return torch.tensor(
+        [2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)], dtype=dtype
+    )
 
 
 class GoatPrior(nn.Module):
@@ -368,15 +442,33 @@ class GoatPrior(nn.Module):
     """
 
     def __init__(
-        self, n_head: int, rank: int, *, n_kv_head: int | None = None, base: float = 10_000.0,
-        sink_hidden: int = 0, sink_freq: int = 4, length: int = 1024, recency: bool = False,
-        init: str = "uniform", sink_activation: str = "tanh", sink_log_position: bool = False,
-        sink_bump: bool = False, sink_base: float | None = None, n_axes: int = 1,
+        self,
+        n_head: int,
+        rank: int,
+        *,
+        n_kv_head: int | None = None,
+        base: float = 10_000.0,
+        sink_hidden: int = 0,
+        sink_freq: int = 4,
+        length: int = 1024,
+        recency: bool = False,
+        init: str = "uniform",
+        sink_activation: str = "tanh",
+        sink_log_position: bool = False,
+        sink_bump: bool = False,
+        sink_base: float | None = None,
+        n_axes: int = 1,
     ) -> None:
         super().__init__()
         G = n_head if n_kv_head is None else n_kv_head
-        for value, name in ((n_head, "n_head"), (rank, "rank"), (G, "n_kv_head"), (sink_freq, "sink_freq"), (length, "length"),
-                            (n_axes, "n_axes")):
+        for value, name in (
+            (n_head, "n_head"),
+            (rank, "rank"),
+            (G, "n_kv_head"),
+            (sink_freq, "sink_freq"),
+            (length, "length"),
+            (n_axes, "n_axes"),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if n_head % G:
@@ -390,13 +482,25 @@ class GoatPrior(nn.Module):
         if init == "alibi" and not recency:
             raise ValueError("init='alibi' seeds the recency slope: pass recency=True")
         if sink_activation not in _SINK_ACTIVATIONS:
-            raise ValueError(f"sink_activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {sink_activation!r}")
+            raise ValueError(
+                f"sink_activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {sink_activation!r}"
+            )
         sink_base = base if sink_base is None else sink_base
         spectral.goat_frequencies(rank, base=base)  # validates base
         spectral.goat_frequencies(sink_freq, base=sink_base)  # validates sink_base
-        self.n_head, self.n_kv_head, self.rank, self.base, self.length = n_head, G, rank, float(base), length
+        self.n_head, self.n_kv_head, self.rank, self.base, self.length = (
+            n_head,
+            G,
+            rank,
+            float(base),
+            length,
+        )
         self.n_axes = n_axes
-        self.sink_activation, self.sink_log_position, self.sink_base = sink_activation, bool(sink_log_position), float(sink_base)
+        self.sink_activation, self.sink_log_position, self.sink_base = (
+            sink_activation,
+            bool(sink_log_position),
+            float(sink_base),
+        )
         weight_shape = (n_head, rank) if n_axes == 1 else (n_head, n_axes, rank)
         self.alpha = nn.Parameter(torch.zeros(weight_shape))
         self.beta = nn.Parameter(torch.zeros(weight_shape))
@@ -409,7 +513,9 @@ class GoatPrior(nn.Module):
         if sink_bump:
             self.bump = nn.Parameter(torch.zeros(G))
         if recency:
-            self.slope = nn.Parameter(alibi_slopes(G) if init == "alibi" else torch.zeros(G))
+            self.slope = nn.Parameter(
+                alibi_slopes(G) if init == "alibi" else torch.zeros(G)
+            )
 
     @property
     def n_lanes(self) -> int:
@@ -417,8 +523,13 @@ class GoatPrior(nn.Module):
         return 2 * self.n_axes * self.rank + 1
 
     def lanes(
-        self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None,
-        query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+        self,
+        query_pos: Tensor,
+        key_pos: Tensor,
+        *,
+        key_origin: int | None = None,
+        query_has_position: Tensor | None = None,
+        key_has_position: Tensor | None = None,
     ) -> Lanes:
         r"""Query lanes (H, L, C) and key lanes (G, S, C) at integer positions, :eq:`eq-lanes`.
 
@@ -428,15 +539,34 @@ class GoatPrior(nn.Module):
         relative lanes are zero (:func:`relative_lanes`).  ``key_origin`` shifts the
         recency term by a constant (see :func:`sink_term`).
         """
-        rel = relative_lanes(self.alpha, self.beta, query_pos, key_pos, base=self.base,
-                             query_has_position=query_has_position, key_has_position=key_has_position)
+        rel = relative_lanes(
+            self.alpha,
+            self.beta,
+            query_pos,
+            key_pos,
+            base=self.base,
+            query_has_position=query_has_position,
+            key_has_position=key_has_position,
+        )
         dtype, S = rel.key.dtype, rel.key.shape[1]
-        if self.n_axes > 1:  # the sink term of a grid sees the raster index, as spectral.goat_lanes
+        if (
+            self.n_axes > 1
+        ):  # the sink term of a grid sees the raster index, as spectral.goat_lanes
             key_pos = torch.arange(S, device=key_pos.device)
         if self.w_in is not None:
-            u = sink_term(self.w_in, self.b_in, self.w_out, self.slope, key_pos, length=self.length,
-                          base=self.sink_base, key_origin=key_origin, activation=self.sink_activation,
-                          log_position=self.sink_log_position, bump=self.bump)
+            u = sink_term(
+                self.w_in,
+                self.b_in,
+                self.w_out,
+                self.slope,
+                key_pos,
+                length=self.length,
+                base=self.sink_base,
+                key_origin=key_origin,
+                activation=self.sink_activation,
+                log_position=self.sink_log_position,
+                bump=self.bump,
+            )
         else:
             u = rel.key.new_zeros(self.n_kv_head, S)
             if self.bump is not None:
@@ -446,23 +576,51 @@ class GoatPrior(nn.Module):
         return goat_lanes(rel, u)
 
     def forward(
-        self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None,
-        query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+        self,
+        query_pos: Tensor,
+        key_pos: Tensor,
+        *,
+        key_origin: int | None = None,
+        query_has_position: Tensor | None = None,
+        key_has_position: Tensor | None = None,
     ) -> Lanes:
         """The lanes, :meth:`lanes`: calling the module gives what the attention consumes."""
-        return self.lanes(query_pos, key_pos, key_origin=key_origin,
-                          query_has_position=query_has_position, key_has_position=key_has_position)
+        return self.lanes(
+            query_pos,
+            key_pos,
+            key_origin=key_origin,
+            query_has_position=query_has_position,
+            key_has_position=key_has_position,
+        )
 
     def log_prior(
-        self, query_pos: Tensor, key_pos: Tensor, *, key_origin: int | None = None,
-        query_has_position: Tensor | None = None, key_has_position: Tensor | None = None,
+        self,
+        query_pos: Tensor,
+        key_pos: Tensor,
+        *,
+        key_origin: int | None = None,
+        query_has_position: Tensor | None = None,
+        key_has_position: Tensor | None = None,
     ) -> Tensor:
         """The materialised log-prior (H, L, S) from :meth:`lanes` (same keywords), for plots and tests."""
-        return log_prior_from_lanes(self.lanes(query_pos, key_pos, key_origin=key_origin,
-                                               query_has_position=query_has_position, key_has_position=key_has_position))
+        return log_prior_from_lanes(
+            self.lanes(
+                query_pos,
+                key_pos,
+                key_origin=key_origin,
+                query_has_position=query_has_position,
+                key_has_position=key_has_position,
+            )
+        )
 
     def extra_repr(self) -> str:
-        sink = "none" if self.w_in is None else f"mlp({self.w_in.shape[1]}, {self.sink_activation})"
-        return (f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, "
-                f"bump={self.bump is not None}, recency={self.slope is not None}"
-                + (f", n_axes={self.n_axes}" if self.n_axes > 1 else ""))
+        sink = (
+            "none"
+            if self.w_in is None
+            else f"mlp({self.w_in.shape[1]}, {self.sink_activation})"
+        )
+        return (
+            f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, "
+            f"bump={self.bump is not None}, recency={self.slope is not None}"
+            + (f", n_axes={self.n_axes}" if self.n_axes > 1 else "")
+        )
