@@ -22,9 +22,11 @@ from otattn.priors import (
     mask_log_prior,
 )
 
-# The identities are exact in real arithmetic; float64 rounding on unit-scale inputs is ~1e-16.
+# The identities are exact in real arithmetic; float64 rounding of unit-scale inputs
+# is ~1e-16.
 FLOAT64_TOL = 1e-12
-# POT stops at a threshold, but one row scaling solves the one-sided problem: measured ~1e-16.
+# POT stops at a threshold, but one row scaling solves the one-sided problem (measured
+# error ~1e-16).
 POT_TOL = 1e-10
 
 # Leading (batch, head) axes and (L, S): L != S, L = S, one query, no batch axes.
@@ -47,7 +49,7 @@ def _naive(q, k, v, log_prior, eps, scale):
     return np.einsum("...ij,...jd->...id", scipy.special.softmax(logits, axis=-1), v)
 
 
-# --- eq-prior-solution ----------------------------------------------------------------------
+# --- eq-prior-solution ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("batch, L, S", CASES)
@@ -127,7 +129,7 @@ def test_leading_axes_broadcast_so_heads_can_share_keys_and_values():
     np.testing.assert_allclose(out, shared, rtol=0, atol=FLOAT64_TOL)
 
 
-# --- eq-row-shift ---------------------------------------------------------------------------
+# --- eq-row-shift ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("batch, L, S", CASES)
@@ -144,7 +146,7 @@ def test_row_constants_of_the_log_prior_change_nothing(batch, L, S):
     )
 
 
-# --- eq-mask-prior, eq-causal-prior ---------------------------------------------------------
+# --- eq-mask-prior, eq-causal-prior ---------------------------------------------------
 
 
 @pytest.mark.parametrize("batch, L, S", CASES)
@@ -181,7 +183,7 @@ def test_causal_outputs_do_not_depend_on_future_values(batch, L, S):
     )
 
 
-# --- eq-empty-row ---------------------------------------------------------------------------
+# --- eq-empty-row ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("batch, L, S", CASES)
@@ -243,7 +245,7 @@ def test_left_padding_with_causal_mask_matches_the_unpadded_sequence():
     np.testing.assert_array_equal(padded[:pad], 0.0)
 
 
-# --- against POT ----------------------------------------------------------------------------
+# --- against POT ----------------------------------------------------------------------
 
 
 def _pot_row(cost_row, prior_row, eps):
@@ -293,7 +295,7 @@ def test_masked_prior_matches_pot_restricted_to_the_support(L, S):
     np.testing.assert_allclose(pot, ours, rtol=0, atol=POT_TOL)
 
 
-# --- bad input ----------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------
 
 _q, _k, _v = _inputs((2,), 3, 5, seed=29)
 
@@ -312,7 +314,8 @@ _q, _k, _v = _inputs((2,), 3, 5, seed=29)
         ),
         (
             dict(v=np.zeros((3, 5, DV))),
-            r"leading \(batch, head\) axes of q, k \(2,\) and v \(3,\) do not broadcast",
+            r"leading \(batch, head\) axes of q, k \(2,\) and v \(3,\) "
+            r"do not broadcast",
         ),
         (dict(q=np.zeros(D)), r"q must have shape \(\.\.\., L, D\), got \(4,\)"),
         (
@@ -335,7 +338,8 @@ _q, _k, _v = _inputs((2,), 3, 5, seed=29)
         ),
         (
             dict(log_prior=np.zeros((4, 2, 3, 5))),
-            r"log_prior of shape \(4, 2, 3, 5\) does not broadcast to the scores \(2, 3, 5\)",
+            r"log_prior of shape \(4, 2, 3, 5\) "
+            r"does not broadcast to the scores \(2, 3, 5\)",
         ),
         (dict(log_prior=np.full((3, 5), np.nan)), r"log_prior contains NaN"),
         (dict(log_prior=np.full((3, 5), np.inf)), r"log_prior contains \+inf"),
@@ -352,15 +356,15 @@ def test_bad_input_raises_a_precise_value_error(kwargs, message):
         )
 
 
-# === Chapter "Attention sinks" (book/05_sinks.md) ==========================================
+# === Chapter "Attention sinks" (book/05_sinks.md) =====================================
 
 from otattn.attention import SinkAttention, attention_plan, sink_attention  # noqa: E402
 
-# exp/log of logits of size ~10 lose a few ulps; the bounds below are held to 1e-12 relative.
+# exp/log of logits of size ~10 lose a few ulps; bounds below hold to 1e-12 relative.
 BOUND_RTOL = 1e-12
 
 
-# --- eq-collapse ----------------------------------------------------------------------------
+# --- eq-collapse ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eps", [0.3, 1.0, 4.0])
@@ -375,13 +379,13 @@ def test_collapse_to_the_prior_bound_holds_with_omega_over_eps(eps):
 
 
 def test_collapse_bound_is_attained_in_the_limit_of_a_concentrated_prior():
-    """Two keys, prior mass 1 - t on the low-score key: p_1 / pi_1 -> e^omega as t -> 0."""
+    """Two keys, prior 1 - t on the low-score key: p_1/pi_1 -> e^omega as t -> 0."""
     omega, t = 1.5, 1e-9
     plan = one_sided_plan(-np.array([[0.0, omega]]), log_prior=np.log([[1 - t, t]]))
     np.testing.assert_allclose(plan[0, 1] / t, np.exp(omega), rtol=1e-8)
 
 
-# --- eq-context-mass ------------------------------------------------------------------------
+# --- eq-context-mass ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("L", [2, 16, 1024])
@@ -412,7 +416,7 @@ def test_context_mass_is_bounded_by_the_effective_logit_margin(L):
     )  # content costs at most omega
 
 
-# --- eq-sink-gate ---------------------------------------------------------------------------
+# --- eq-sink-gate ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("batch, L, S", CASES)

@@ -1,8 +1,8 @@
-"""The benchmark behind the speed chapter: the CLI, the CSV it writes, and what it compares.
+"""The benchmark behind the speed chapter: the CLI, its CSV, and what it compares.
 
 No timing is asserted (timings on a shared 2-core machine are noise at these sizes); the
-tests check the structure of the output, that the timed methods compute one function, and
-that the memory measurement sees an L x L tensor where one is built.
+tests check the structure of the output, that the timed methods compute one function,
+and that the memory measurement sees an L x L tensor where one is built.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import pytest
 
 import otattn.__main__ as cli
 
-# Outputs of the prior methods agree to float32 rounding of softmax over 64 keys with O(1)
-# logits (measured ~1e-6); 1e-5 leaves room for a different summation order.
+# Outputs of the prior methods agree to float32 rounding of softmax over 64 keys with
+# O(1) logits (measured ~1e-6); 1e-5 leaves room for a different summation order.
 AGREEMENT_TOL = 1e-5
 
 
 def test_cli_help_works_without_importing_torch():
     code = (
         "import sys\nfrom otattn.__main__ import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
+        "try:\n    main(['--help'])\n"
+        "except SystemExit as stop:\n    assert stop.code == 0\n"
         "assert 'torch' not in sys.modules, 'python -m otattn --help imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
@@ -136,8 +137,11 @@ def test_materialised_prior_is_skipped_with_a_reason_at_long_length():
     not sys.platform.startswith("linux"), reason="the CPU memory probe reads /proc"
 )
 def test_memory_probe_sees_the_materialised_log_prior():
-    """At L = 2048 one (B, H, L, L) float32 tensor is 128 MiB: the mask path needs at least that (measured 428 MiB),
-    the lanes far less (measured 30 MiB; plain SDPA 22 MiB)."""
+    """At L = 2048 one (B, H, L, L) float32 tensor is 128 MiB.
+
+    The mask path needs at least that (measured 428 MiB), the lanes far less (measured
+    30 MiB; plain SDPA 22 MiB).
+    """
     torch = pytest.importorskip("torch")
     from otattn.experiments.bench import BenchConfig, measure_memory
 
@@ -148,3 +152,43 @@ def test_memory_probe_sees_the_materialised_log_prior():
     lanes = measure_memory("goat", L, cfg)
     assert mask["fwd_bwd"] >= one_lxl
     assert lanes["fwd_bwd"] < one_lxl / 2
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (
+            ["bench", "--lengths", "0"],
+            "argument --lengths: 0 is not a positive integer",
+        ),
+        (
+            ["bench", "--repeats", "0"],
+            "argument --repeats: 0 is not a positive integer",
+        ),
+        (
+            ["bench", "--max-gib", "-1"],
+            "argument --max-gib: -1 is not a positive number",
+        ),
+        (["precision", "--lengths", "-8"], "argument --lengths: -8 is not a positive"),
+        (
+            ["precision", "--block", "0"],
+            "argument --block: 0 is not a positive integer",
+        ),
+    ],
+)
+def test_cli_refuses_non_positive_sizes(args, match, capsys):
+    """argparse exits with status 2 and names the argument, before any work starts."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_benchmark_refuses_bad_lengths_and_repeats():
+    pytest.importorskip("torch")
+    from otattn.experiments.bench import run_benchmark
+
+    with pytest.raises(ValueError, match="lengths must be positive integers"):
+        run_benchmark([0], methods=["sdpa"], memory=False, log=print)
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        run_benchmark([8], methods=["sdpa"], repeats=0, memory=False, log=print)

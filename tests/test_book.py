@@ -1,7 +1,8 @@
-"""The book is a test: every chapter in ``_toc.yml`` executes, in a fresh kernel, without error.
+"""The book is a test: every chapter in ``_toc.yml`` executes in a fresh kernel.
 
-A chapter's check cells assert the identities it states, so a chapter that runs is a chapter
-whose mathematics holds.  ``make book`` executes the same chapters again while rendering.
+A chapter's check cells assert the identities it states, so a chapter that runs is a
+chapter whose mathematics holds.  ``make book`` executes the same chapters again while
+rendering them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# A chapter should run in about two minutes on 2 cores; ten is a hang, not a slow chapter.
+# A chapter should run in about two minutes on 2 cores; ten is a hang, not slowness.
 CELL_TIMEOUT_S = 600
 
 

@@ -1,11 +1,12 @@
-"""One-sided entropic OT in float64 (`otattn.eot`): the identities of chapter 1 of the book.
+"""One-sided entropic OT in float64 (``otattn.eot``): the identities of chapter 1.
 
-Chapter 1, "Softmax is one-sided entropic optimal transport", claims that the row softmax
-of ``-cost / eps + log_prior`` minimises ``<p, c> - eps H(p) - eps <p, log pi>`` over the
-simplex, that its minimum is the soft-min ``-eps logsumexp(-c / eps + log pi)``, that the
-entropy term is a KL divergence to the uniform prior up to ``log S``, and that POT's
-unbalanced Sinkhorn with a hard row marginal and a free column marginal gives the same plan.
-Each test below checks one of these claims, or the input checks that guard them.
+Chapter 1, "Softmax is one-sided entropic optimal transport", claims that the row
+softmax of ``-cost / eps + log_prior`` minimises ``<p, c> - eps H(p) - eps <p, log pi>``
+over the simplex, that its minimum is the soft-min
+``-eps logsumexp(-c / eps + log pi)``, that the entropy term is a KL divergence to the
+uniform prior up to ``log S``, and that POT's unbalanced Sinkhorn with a hard row
+marginal and a free column marginal gives the same plan.  Each test below checks one of
+these claims, or the input checks that guard them.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ POT_EPSILONS = [
 
 
 def _cost(rng, batch, L, S, d=16):
-    """Attention cost ``-Q K^T / sqrt(d)`` with unit-scale scores, shape ``batch + (L, S)``."""
+    """Attention cost ``-Q K^T / sqrt(d)`` (unit-scale scores), shape batch + (L, S)."""
     q = rng.standard_normal(batch + (L, d))
     k = rng.standard_normal(batch + (S, d))
     return -np.einsum("...id,...jd->...ij", q, k) / np.sqrt(d)
@@ -137,7 +138,7 @@ def test_plan_is_invariant_to_row_constant_cost_shifts(L, S, eps):
     np.testing.assert_allclose(
         shifted, one_sided_plan(cost, eps=eps), rtol=0, atol=FLOAT64_ATOL
     )
-    # Shifting each row by its minimum (what keeps POT from overflowing) is one such shift.
+    # Shifting each row by its minimum (which keeps POT from overflowing) is one.
     by_min = one_sided_plan(cost - cost.min(axis=-1, keepdims=True), eps=eps)
     np.testing.assert_allclose(
         by_min, one_sided_plan(cost, eps=eps), rtol=0, atol=FLOAT64_ATOL
@@ -164,7 +165,7 @@ def test_plan_minimises_objective_numerically(seed):
 
 
 def _log_prior(kind, rng, shape):
-    """No prior, a random Dirichlet prior, or a random mask that keeps key 0 in every row."""
+    """No prior, a Dirichlet prior, or a random mask that keeps key 0 in every row."""
     if kind is None:
         return None
     if kind == "dirichlet":
@@ -257,7 +258,7 @@ def test_log_prior_is_not_divided_by_eps():
 def test_plan_is_finite_for_large_costs_and_tiny_eps(batch):
     rng = np.random.default_rng(10)
     L, S, eps = 4, 9, 1e-3
-    # Distinct keys >= 2e3 apart, magnitudes up to ~5e4: exp(-gap / eps) = exp(-2e6) is 0.
+    # Keys >= 2e3 apart, magnitudes up to ~5e4: exp(-gap / eps) = exp(-2e6) is 0.
     levels = rng.permuted(np.broadcast_to(np.arange(S), batch + (L, S)), axis=-1)
     cost = 1e4 * (levels - S / 2 + rng.uniform(-0.4, 0.4, size=levels.shape))
     plan = one_sided_plan(cost, eps=eps)
@@ -463,8 +464,8 @@ def test_extreme_finite_costs_give_the_argmin_not_nan(cost, eps, expected):
         plan = one_sided_plan(cost, eps=eps)
         value = one_sided_value(cost, eps=eps)
     np.testing.assert_array_equal(plan, expected)
-    # The soft minimum of a row whose gaps all overflow is its smallest cost (ties add eps log 2,
-    # which is below the spacing of float64 numbers near 1e300).
+    # The soft minimum of a row whose gaps all overflow is its smallest cost (ties add
+    # eps log 2, which is below the spacing of float64 numbers near 1e300).
     np.testing.assert_array_equal(value, cost.min(axis=-1))
 
 

@@ -1,4 +1,4 @@
-"""Gradients and fits of the GOAT prior (book, chapter "GOAT: a continuous, trainable prior").
+"""Gradients and fits of the GOAT prior (book, "GOAT: a continuous, trainable prior").
 
 Equation labels are those of ``book/04_goat_prior.md``.
 """
@@ -13,8 +13,9 @@ from otattn.fit import _flatten, _unflatten, fit_goat_prior, prior_fit_loss
 from otattn.priors import alibi_log_prior, causal_log_prior
 from otattn.spectral import GoatParams, SinkParams, goat_log_prior
 
-# Central differences with step 1e-6 on a loss of size ~1: truncation ~h^2 * |f'''| ~ 1e-12,
-# rounding ~1e-16 / h ~ 1e-10; gradients of size ~1 are held to 1e-7.
+# Central differences with step h = 1e-6 on a loss of size ~1: truncation
+# ~h^2 * |f'''| ~ 1e-12, rounding ~1e-16 / h ~ 1e-10; gradients of size ~1 are held
+# to 1e-7.
 FD_STEP = 1e-6
 FD_TOL = 1e-7
 FLOAT64_TOL = 1e-12
@@ -47,7 +48,10 @@ def test_lane_gradients_match_finite_differences(L, S, R, sink):
     target = one_sided_plan(rng.normal(size=(L, S)), log_prior=mask)
     x = _flatten(params)
     grad = _flatten(prior_fit_loss(params, target, log_mask=mask).grad)
-    loss = lambda y: prior_fit_loss(_unflatten(y, params), target, log_mask=mask).loss
+
+    def loss(y):
+        return prior_fit_loss(_unflatten(y, params), target, log_mask=mask).loss
+
     fd = np.array(
         [
             (loss(x + FD_STEP * e) - loss(x - FD_STEP * e)) / (2 * FD_STEP)

@@ -1,6 +1,6 @@
-"""Identities of gated attention (book, chapter "Gated attention", ``book/06_gated.md``).
+"""Identities of gated attention (book, "Gated attention", ``book/06_gated.md``).
 
-Each test is named after the identity it proves; equation labels are those of the chapter.
+Each test is named after the identity it proves; equation labels are the chapter's.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from otattn.gating import (
 )
 from otattn.priors import causal_log_prior
 
-# The identities are exact in real arithmetic; float64 rounding on unit-scale inputs is ~1e-16.
+# The identities are exact in real arithmetic; float64 rounding of unit-scale inputs
+# is ~1e-16.
 FLOAT64_TOL = 1e-12
-# Central differences with step h = 1e-6: truncation ~h^2 * f''' ~ 1e-12, rounding ~1e-16 / h
-# ~ 1e-10 on unit-scale losses; measured ~1e-9 at worst, so 1e-7 leaves a margin of 100.
+# Central differences with step h = 1e-6: truncation ~h^2 * f''' ~ 1e-12, rounding
+# ~1e-16 / h ~ 1e-10 on unit-scale losses; measured ~1e-9 at worst, so 1e-7 leaves a
+# margin of 100.
 FD_STEP = 1e-6
 FD_TOL = 1e-7
 
@@ -41,7 +43,7 @@ def _inputs(seed, G=DV, batch=(B,)):
     )
 
 
-# --- eq-gated -------------------------------------------------------------------------------
+# --- eq-gated -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("G", [1, DV])
@@ -66,7 +68,7 @@ def test_the_sigmoid_does_not_overflow_at_large_gate_logits():
     np.testing.assert_array_equal(gate[0, :, 0], [1.0, 0.0])
 
 
-# --- eq-gated-backward ----------------------------------------------------------------------
+# --- eq-gated-backward ----------------------------------------------------------------
 
 
 def _finite_difference(a, name, grad_out, log_prior, eps):
@@ -100,7 +102,7 @@ def test_analytic_gradients_match_central_differences(G, name):
 
 
 def test_gradients_of_broadcast_inputs_are_summed_over_the_broadcast_axes():
-    """k, v shared by all heads (shape (B, 1, S, .)) and x shared by the batch (shape (L, M))."""
+    """k, v shared by all heads (shape (B, 1, S, .)), x by the batch (shape (L, M))."""
     a = _inputs(204, DV)
     a["k"], a["v"], a["x"] = a["k"][:, :1], a["v"][:, :1], a["x"][0]
     grad_out = np.random.default_rng(205).normal(size=(B, H, L, DV))
@@ -115,7 +117,7 @@ def test_gradients_of_broadcast_inputs_are_summed_over_the_broadcast_axes():
         )
 
 
-# --- eq-gate-is-sink, eq-sink-is-gate -------------------------------------------------------
+# --- eq-gate-is-sink, eq-sink-is-gate -------------------------------------------------
 
 
 def test_a_headwise_gate_is_a_sink_with_query_dependent_logit_lse_minus_logit_gate():
@@ -157,11 +159,11 @@ def test_an_elementwise_gate_is_one_sink_per_channel_sharing_the_plan():
         np.testing.assert_allclose(channel, gated.out[..., d], rtol=0, atol=FLOAT64_TOL)
 
 
-# --- eq-hull ----------------------------------------------------------------------------------
+# --- eq-hull --------------------------------------------------------------------------
 
 
 def _in_hull_with_zero(point, values):
-    """Is point = values^T w for some w >= 0 with sum(w) <= 1?  A linear feasibility problem."""
+    """Is point = values^T w, w >= 0, sum(w) <= 1?  A linear feasibility problem."""
     S_ = values.shape[0]
     result = scipy.optimize.linprog(
         np.zeros(S_),
@@ -186,7 +188,10 @@ def test_single_softmax_outputs_lie_in_the_hull_of_the_values_and_zero():
 
 
 def test_an_elementwise_gated_output_leaves_the_hull_of_the_values_and_zero():
-    """Values on the line x1 = x2: every softmax output stays on it, a per-channel gate does not."""
+    """Values on the line x1 = x2.
+
+    Every softmax output stays on it; a per-channel gate moves it off.
+    """
     values = np.array([[1.0, 1.0], [-1.0, -1.0], [0.5, 0.5]])
     y = np.array([0.9, 0.05, 0.05]) @ values
     gated = y * np.array([0.9, 0.1])
@@ -203,7 +208,8 @@ def test_an_elementwise_gated_output_leaves_the_hull_of_the_values_and_zero():
         ),
         (
             dict(w_gate=np.zeros((M, H, 2))),
-            r"w_gate's last axis must be 1 \(headwise\) or Dv = 3 \(elementwise\), got 2",
+            r"w_gate's last axis must be 1 \(headwise\) or Dv = 3 \(elementwise\), "
+            r"got 2",
         ),
         (
             dict(w_gate=np.zeros((M, 2, 1))),

@@ -67,7 +67,7 @@ def test_queries_that_cannot_see_the_first_token_are_left_out():
     )
 
 
-def test_a_uniform_causal_head_has_mass_equal_to_the_mean_of_one_over_the_visible_keys():
+def test_a_uniform_causal_head_has_mass_the_mean_of_one_over_the_visible_keys():
     L = S = 10
     plan = attention_plan(
         np.zeros((1, L, 2)), np.zeros((1, S, 2)), log_prior=causal_log_prior(L, S)

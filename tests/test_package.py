@@ -1,4 +1,4 @@
-"""Packaging promises: import without torch, pins in one place, the two commands wired up."""
+"""Packaging: import without torch, pins in one place, the two commands wired up."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_importing_otattn_does_not_import_torch():
-    code = "import sys, otattn, otattn.eot; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = (
+        "import sys, otattn, otattn.eot; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,8 +1,11 @@
-"""Low-precision accuracy of GOAT attention (book, chapter "GOAT in bfloat16"): the 2x bound on a small grid.
+"""Low-precision accuracy of GOAT attention: the 2x bound on a small grid.
+
+Book, chapter "GOAT in bfloat16".
 
 The harness ``otattn.experiments.precision`` measures each kernel in a low precision
-against float64 on the same rounded inputs; plain SDPA sets the floor.  Here a small grid
-(seconds) holds the claims of the chapter; ``python -m otattn precision`` runs the full one.
+against float64 on the same rounded inputs; plain SDPA sets the floor.  Here a small
+grid (seconds) holds the claims of the chapter; ``python -m otattn precision`` runs the
+full one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ GRID = [
 
 @pytest.fixture(scope="module")
 def floor():
-    """Plain SDPA's error per grid point (measured 5e-3 to 8e-3 in bf16, 6e-4 to 9e-4 in fp16)."""
+    """Plain SDPA's error per grid point (measured
+    5e-3 to 8e-3 in bf16, 6e-4 to 9e-4 in fp16)."""
     return {
         case: precision.kernel_error(
             "sdpa", "spectral", case[0], case[1], offset=case[2]
@@ -39,7 +43,8 @@ def floor():
     [("goat", "spectral"), ("goat", "recency"), ("goat_split", "large")],
 )
 def test_goat_error_within_twice_plain_sdpa(floor, method, setting, dtype, L, offset):
-    """The default layout (sink lane in 3 channels) for moderate priors, the split relative lanes for large ones."""
+    """The default layout (sink lane in 3 channels) for
+    moderate priors, the split relative lanes for large ones."""
     err = precision.kernel_error(method, setting, dtype, L, offset=offset)
     assert err["out_err"] <= 2 * floor[dtype, L, offset], (
         err
@@ -51,14 +56,19 @@ def test_goat_error_within_twice_plain_sdpa(floor, method, setting, dtype, L, of
 
 @pytest.mark.parametrize("dtype", LOW)
 def test_one_channel_sink_lane_is_the_defect(floor, dtype):
-    """With the recency term in one channel (the previous design) the error is many times the floor."""
+    """With the recency term in one channel (the previous
+    design) the error is many times the floor."""
     err = precision.kernel_error("goat_1part", "recency", dtype, 640)
     assert err["out_err"] > 5 * floor[dtype, 640, 0], err  # measured ~40x in bf16
 
 
 def test_large_relative_weights_need_the_split_relative_lanes(floor):
-    """The limit of the default layout: with relative weights N(0, 1) on 16 lanes the relative lanes' own rounding
-    shows (the full grid reaches 2.4x plain SDPA at L = 2048); splitting them lowers it (measured 1.39e-3 -> 1.03e-3)."""
+    """The limit of the default layout: large relative weights.
+
+    With relative weights N(0, 1) on 16 lanes the relative lanes' own rounding shows
+    (the full grid reaches 2.4x plain SDPA at L = 2048); splitting them lowers it
+    (measured 1.39e-3 -> 1.03e-3).
+    """
     one = precision.kernel_error("goat", "large", "float16", 640)["out_err"]
     split = precision.kernel_error("goat_split", "large", "float16", 640)["out_err"]
     assert one > 1.2 * split, (one, split)
@@ -66,7 +76,8 @@ def test_large_relative_weights_need_the_split_relative_lanes(floor):
 
 @pytest.mark.parametrize("setting", precision.SETTINGS)
 def test_float32_keeps_its_accuracy(setting):
-    """float32: the split sink lane costs nothing (measured ~1e-6 to 1e-5, as with one channel)."""
+    """float32: the split sink lane costs nothing
+    (measured ~1e-6 to 1e-5, as with one channel)."""
     three = precision.kernel_error("goat", setting, "float32", 640)
     one = precision.kernel_error("goat_1part", setting, "float32", 640)
     assert three["out_err"] < 3e-5 and three["out_err"] < 3 * one["out_err"], (
@@ -76,7 +87,8 @@ def test_float32_keeps_its_accuracy(setting):
 
 
 def test_our_layer_beats_the_authors_layer_in_bf16():
-    """Same weights (converted), recency on, L = 512: theirs errs by ~0.15, ours by ~0.015 on outputs of ~3.4."""
+    """Same weights (converted), recency on, L = 512: theirs
+    errs by ~0.15, ours by ~0.015 on outputs of ~3.4."""
     pytest.importorskip("goat")
     err = precision.layer_errors(512, "bfloat16")
     assert err["otattn"] < 0.03 and err["goat_pkg"] > 3 * err["otattn"], err
@@ -118,3 +130,9 @@ def test_bad_arguments_raise():
         precision.kernel_error("goat", "spectral", "int8", 8)
     with pytest.raises(ValueError, match="setting must be one of"):
         precision.kernel_error("goat", "huge", "bfloat16", 8)
+    with pytest.raises(ValueError, match="L must be a positive integer, got 0"):
+        precision.kernel_error("goat", "spectral", "bfloat16", 0)
+    with pytest.raises(ValueError, match="block must be a positive integer"):
+        precision.kernel_error("goat", "spectral", "bfloat16", 8, block=0)
+    with pytest.raises(ValueError, match="offset must be an integer"):
+        precision.kernel_error("goat", "spectral", "bfloat16", 8, offset=0.5)

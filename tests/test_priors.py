@@ -19,7 +19,8 @@ from otattn.priors import (
     uniform_log_prior,
 )
 
-# The identities are exact in real arithmetic; float64 rounding on unit-scale logits is ~1e-16.
+# The identities are exact in real arithmetic; float64 rounding of unit-scale logits
+# is ~1e-16.
 FLOAT64_TOL = 1e-12
 
 # (L, S): square, more keys than queries (KV cache), a single query.
@@ -32,7 +33,7 @@ def _plan(log_prior, seed=0, eps=0.7):
     return one_sided_plan(cost, eps=eps, log_prior=log_prior)
 
 
-# --- positions ---------------------------------------------------------------------------
+# --- positions ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -57,7 +58,7 @@ def test_explicit_positions_give_lag_query_minus_key():
     np.testing.assert_array_equal(lag, query_pos[:, None] - key_pos[None, :])
 
 
-# --- eq-mask-prior --------------------------------------------------------------------------
+# --- eq-mask-prior --------------------------------------------------------------------
 
 
 def test_mask_log_prior_is_zero_where_allowed_and_minus_inf_elsewhere():
@@ -68,7 +69,7 @@ def test_mask_log_prior_is_zero_where_allowed_and_minus_inf_elsewhere():
     np.testing.assert_array_equal(log_prior[~allowed], -np.inf)
 
 
-# --- eq-uniform-prior, eq-row-shift ---------------------------------------------------------
+# --- eq-uniform-prior, eq-row-shift ---------------------------------------------------
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -85,7 +86,7 @@ def test_uniform_log_prior_is_minus_log_S_and_changes_nothing(L, S):
     )
 
 
-# --- eq-causal-prior ------------------------------------------------------------------------
+# --- eq-causal-prior ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -126,7 +127,7 @@ def test_causal_query_before_every_key_gets_a_row_without_mass():
     np.testing.assert_array_equal(log_prior[1], np.zeros(4))
 
 
-# --- eq-key-prior ---------------------------------------------------------------------------
+# --- eq-key-prior ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -158,7 +159,7 @@ def test_key_prior_with_minus_inf_is_a_padding_mask():
     np.testing.assert_allclose(plan.sum(axis=1), np.ones(3), rtol=0, atol=FLOAT64_TOL)
 
 
-# --- eq-alibi-maxent, eq-mean-lag, eq-alibi-key-linear --------------------------------------
+# --- eq-alibi-maxent, eq-mean-lag, eq-alibi-key-linear --------------------------------
 
 
 @pytest.mark.parametrize("L, S", SHAPES)
@@ -222,7 +223,7 @@ def test_alibi_mean_lag_tends_to_one_over_expm1_slope_in_long_contexts():
 
 @pytest.mark.parametrize("slope", [0.27, -0.1])
 def test_alibi_prior_has_maximum_entropy_among_priors_with_its_mean_lag(slope):
-    """H(pi*) - H(pi) = KL(pi || pi*) > 0 for every feasible pi (proof of prop-alibi-maxent)."""
+    """H(pi*) - H(pi) = KL(pi || pi*) > 0 for every feasible pi (prop-alibi-maxent)."""
     n = 12
     rng = np.random.default_rng(9)
     star = one_sided_plan(
@@ -264,7 +265,7 @@ def test_alibi_with_zero_slope_is_the_causal_prior():
     )
 
 
-# --- bad input ----------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,14 @@
-"""Balanced entropic OT by log-domain Sinkhorn (`otattn.eot.sinkhorn`): the identities of chapter 2.
+"""Balanced entropic OT by log-domain Sinkhorn: the identities of the book's chapter 2.
 
-Chapter 2, "Sinkhorn: from one-sided to doubly stochastic attention", claims that the plan
-``exp((f + g - C) / eps)`` built from the Sinkhorn potentials has marginals ``a`` and ``b``,
-that it is the plan POT's Sinkhorn solvers compute, that primal and dual values agree,
-that the first row update from ``g = 0`` is the one-sided plan (softmax attention) and every
-later row update a one-sided plan with the key-only log-prior ``g / eps``, that row and column
-shifts of the cost leave the plan unchanged, that uniform marginals give doubly stochastic
-attention, and that the log domain keeps everything finite at costs 1e4 and ``eps = 1e-3``.
-Each test below checks one of these claims, or the input checks that guard them.
+Chapter 2, "Sinkhorn: from one-sided to doubly stochastic attention", claims that the
+plan ``exp((f + g - C) / eps)`` built from the Sinkhorn potentials has marginals ``a``
+and ``b``, that it is the plan POT's Sinkhorn solvers compute, that primal and dual
+values agree, that the first row update from ``g = 0`` is the one-sided plan (softmax
+attention) and every later row update a one-sided plan with the key-only log-prior
+``g / eps``, that row and column shifts of the cost leave the plan unchanged, that
+uniform marginals give doubly stochastic attention, and that the log domain keeps
+everything finite at costs 1e4 and ``eps = 1e-3``.  Each test below checks one of these
+claims, or the input checks that guard them.
 """
 
 from __future__ import annotations
@@ -29,42 +30,44 @@ from otattn.eot import (
 # Identities that hold exactly in real arithmetic, on O(1) entries with logits up to
 # |c| / eps ~ 1e2 (eps >= 0.1): each side carries ~1e2 * 2**-53 ~ 1e-14 of rounding.
 FLOAT64_ATOL = 1e-12
-# The tol we hand to sinkhorn when a converged plan is needed: far above the rounding floor
-# (~1e-16 on unit-scale costs at eps >= 0.1) and reached within MAX_ITER row updates.
+# The tol we hand to sinkhorn when a converged plan is needed: far above the rounding
+# floor (~1e-16 on unit-scale costs at eps >= 0.1) and reached within MAX_ITER row
+# updates.
 SINKHORN_TOL = 1e-12
 MAX_ITER = 20_000
-# After a row update the rows sum to a up to the rounding of the exponent (f + g - C) / eps,
-# a relative error of ~(|C| / eps) * 2**-53: ~1e-14 at |C| / eps ~ 1e2 (measured 1e-14 at
-# eps = 1e-2).  1e-12 keeps a wide margin and still catches any unbalanced row.
+# After a row update the rows sum to a up to the rounding of the exponent
+# (f + g - C) / eps, a relative error of ~(|C| / eps) * 2**-53: ~1e-14 at
+# |C| / eps ~ 1e2 (measured 1e-14 at eps = 1e-2).  1e-12 keeps a wide margin and still
+# catches any unbalanced row.
 ROW_ATOL = 1e-12
 # The issue asks for agreement with POT to 1e-8; both solvers stop within ~1e-12 of the
 # same unique plan, and the measured gap is ~1e-13.
 POT_ATOL = 1e-8
-# Two converged plans of the same problem differ by about the marginal error they stop at.
+# Two converged plans of one problem differ by about the marginal error they stop at.
 CONVERGED_ATOL = 1e-10
-# At |C| ~ 1e4 and eps = 1e-3 the exponent (f + g - C) / eps carries an absolute rounding
-# error of ~|C| 2**-53 / eps ~ 1e-9 (the column error stalls at ~3e-10, measured), so the
-# plan is accurate to ~1e-9 and no better; 1e-8 leaves a 10x margin.
+# At |C| ~ 1e4 and eps = 1e-3 the exponent (f + g - C) / eps carries an absolute
+# rounding error of ~|C| 2**-53 / eps ~ 1e-9 (the column error stalls at ~3e-10,
+# measured), so the plan is accurate to ~1e-9 and no better; 1e-8 leaves a 10x margin.
 LARGE_COST_ATOL = 1e-8
 LARGE_COST_TOL = 1e-9
 
 SHAPES = [(1, 1), (1, 7), (5, 3), (4, 9), (6, 6)]
 BATCHES = [(), (2,), (2, 3)]
 # Sinkhorn slows down as eps shrinks: on these unit-scale costs eps = 0.1 needs at most
-# ~4.5e3 row updates to reach SINKHORN_TOL, eps = 1e-2 up to ~2.7e4 (measured, seeds 0-7).
-# Small eps is tested on its own below (large costs, eps = 1e-3).
+# ~4.5e3 row updates to reach SINKHORN_TOL, eps = 1e-2 up to ~2.7e4 (measured, seeds
+# 0-7).  Small eps is tested on its own below (large costs, eps = 1e-3).
 EPSILONS = [0.1, 1.0, 10.0]
 
 
 def _cost(rng, batch, L, S, d=16):
-    """Attention cost ``-Q K^T / sqrt(d)`` with unit-scale scores, shape ``batch + (L, S)``."""
+    """Attention cost ``-Q K^T / sqrt(d)`` (unit-scale scores), shape batch + (L, S)."""
     q = rng.standard_normal(batch + (L, d))
     k = rng.standard_normal(batch + (S, d))
     return -np.einsum("...id,...jd->...ij", q, k) / np.sqrt(d)
 
 
 def _marginals(rng, batch, L, S):
-    """Random positive marginals on the simplices, shapes ``batch + (L,)`` and ``batch + (S,)``."""
+    """Random marginals of mass 1, shapes ``batch + (L,)`` and ``batch + (S,)``."""
     return rng.dirichlet(np.ones(L), size=batch), rng.dirichlet(np.ones(S), size=batch)
 
 
@@ -112,8 +115,8 @@ def test_plan_is_gibbs_form_of_potentials_and_primal_equals_dual(L, S, eps):
         - eps * plan.sum(axis=(-2, -1))
         + eps
     )
-    # The plan is feasible only up to its column error (<= SINKHORN_TOL), which enters the
-    # gap multiplied by |g| ~ |C| + eps log S ~ 10; measured gap <= 2e-12.
+    # The plan is feasible only up to its column error (<= SINKHORN_TOL), which enters
+    # the gap multiplied by |g| ~ |C| + eps log S ~ 10; measured gap <= 2e-12.
     np.testing.assert_allclose(primal, dual, rtol=0, atol=1e-10)
 
 
@@ -139,8 +142,9 @@ def test_plan_equals_pot_sinkhorn_plan(L, S, batch, eps, solver):
     cost = _cost(rng, batch, L, S)
     a, b = _marginals(rng, batch, L, S)
     with warnings.catch_warnings():
-        # stopThr=1e-14 on the 2-norm is at POT's rounding floor: it may run to numItermax
-        # and say so; the plan it returns is then converged to rounding, which we check.
+        # stopThr=1e-14 on the 2-norm is at POT's rounding floor: it may run to
+        # numItermax and say so; the plan it returns is then converged to rounding,
+        # which we check.
         warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
         expected = _pot_plans(cost, a, b, eps, solver)
     np.testing.assert_allclose(
@@ -232,8 +236,9 @@ def test_plan_is_invariant_to_row_and_column_cost_shifts(L, S, eps):
     shifted = _converged(cost + u + v, a, b, eps)
     plain = _converged(cost, a, b, eps)
     np.testing.assert_allclose(shifted.plan, plain.plan, rtol=0, atol=CONVERGED_ATOL)
-    # The potentials absorb the shifts: f + g moves by u + v.  A plan error delta moves the
-    # potentials by ~eps * delta / min(P); measured <= 3e-11 here, so 1e-9 leaves a margin.
+    # The potentials absorb the shifts: f + g moves by u + v.  A plan error delta moves
+    # the potentials by ~eps * delta / min(P); measured <= 3e-11 here, so 1e-9 leaves a
+    # margin.
     df, dg = shifted.f - plain.f, shifted.g - plain.g
     moved = df[..., :, None] + dg[..., None, :]
     np.testing.assert_allclose(moved, u + v, rtol=0, atol=1e-9)
@@ -271,7 +276,8 @@ def test_large_costs_and_tiny_eps_give_a_finite_plan(batch):
 
 
 def test_huge_cost_over_eps_stays_finite_even_when_it_cannot_converge():
-    # |C| / eps = 1e7: Sinkhorn converges far too slowly to finish, but every iterate is finite.
+    # |C| / eps = 1e7: Sinkhorn converges far too slowly to finish, but every iterate
+    # is finite.
     cost = 1e4 * np.sign(_cost(np.random.default_rng(9), (), 4, 9))
     a, b = np.full(4, 1 / 4), np.full(9, 1 / 9)
     with pytest.warns(SinkhornConvergenceWarning):

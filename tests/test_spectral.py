@@ -1,4 +1,4 @@
-"""Identities of the GOAT spectral prior (book, chapter "GOAT: a continuous, trainable prior").
+"""Identities of the GOAT spectral prior (book, "GOAT: a continuous, trainable prior").
 
 Each test is named after the identity it proves; equation labels are those of
 ``book/04_goat_prior.md``.
@@ -13,7 +13,6 @@ from otattn.attention import attention_scores
 from otattn.priors import position_lag
 from otattn.spectral import (
     GoatParams,
-    Lanes,
     SinkParams,
     fused_query_key,
     goat_frequencies,
@@ -25,11 +24,12 @@ from otattn.spectral import (
     sink_term,
 )
 
-# The identities are exact in real arithmetic. With exact-product phases every lane entry is
-# within a few ulp of its true value at any offset below 2**53, and a log-prior sums 2R + 1
-# products of unit-scale terms (R <= 8, |alpha|, |beta| ~ 1): rounding ~1e-14, held to 1e-12.
+# The identities are exact in real arithmetic. With exact-product phases every lane
+# entry is within a few ulp of its true value at any offset below 2**53, and a log-prior
+# sums 2R + 1 products of unit-scale terms (R <= 8, |alpha|, |beta| ~ 1): rounding
+# ~1e-14, held to 1e-12.
 LANE_TOL = 1e-12
-# float64 phases w * p rounded to a double: absolute phase error up to |p| * 2**-53 per lane.
+# float64 phases w * p rounded to a double: phase error up to |p| * 2**-53 per lane.
 UNIT_ROUNDOFF = 2.0**-53
 
 SHAPES = [(5, 9), (7, 7), (1, 4)]
@@ -56,7 +56,7 @@ def _params(seed: int, R: int, n_axes: int = 1, sink: bool = True) -> GoatParams
 
 
 def _kappa_of_lag(params: GoatParams, lag: np.ndarray) -> np.ndarray:
-    """Reference: sum_a,r alpha cos(w lag_a) + beta sin(w lag_a), from the (small, exact) lag."""
+    """Reference: sum_a,r alpha cos(w lag_a) + beta sin(w lag_a), from the exact lag."""
     alpha, beta = np.atleast_2d(params.alpha), np.atleast_2d(params.beta)
     omega = goat_frequencies(alpha.shape[1], base=params.base)
     lag = lag.reshape(lag.shape[:2] + (-1,)).astype(np.float64)  # (L, S, A)
@@ -159,7 +159,8 @@ def test_phase_lanes_are_exact_at_large_offsets_while_rounded_phases_are_not(off
     omega = goat_frequencies(8)
     pos = offset + np.arange(16)
     lanes = phase_lanes(pos, omega)
-    # cos(w (p0 + d)) by angle addition from the exact phase of p0 (one value) and small d.
+    # cos(w (p0 + d)) by angle addition, from the exact phase of p0 (one value) and a
+    # small d.
     c0, s0 = np.split(phase_lanes([offset], omega), 2, axis=1)
     d = np.arange(16)[:, None] * omega
     expected = np.concatenate(
@@ -235,7 +236,7 @@ def test_fused_query_key_scores_are_content_scores_plus_unscaled_prior(L, S, n_a
     )
 
 
-# --- bad input ---------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------
 
 
 def test_rank_too_large_for_the_head_size_raises():

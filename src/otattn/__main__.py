@@ -7,11 +7,34 @@ Commands import what they need when they run, so ``python -m otattn --help`` (an
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-# The full benchmark of the book (book/data/bench_cpu.csv); --quick runs a seconds-long check.
+# The full benchmark of the book (book/data/bench_cpu.csv); --quick: a check in seconds.
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (64, 128)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer, else a clear usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a positive finite number, else a clear usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _log(line: str) -> None:
@@ -55,8 +78,9 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     log = _log
     log(
-        f"otattn bench: L in {list(lengths)}, up to {repeats} repeats, methods {', '.join(methods)}, "
-        f"{cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads"
+        f"otattn bench: L in {list(lengths)}, up to {repeats} repeats, "
+        f"methods {', '.join(methods)}, {cfg.device} {cfg.dtype}, "
+        f"{torch.get_num_threads()} threads"
     )
     rows, meta = bench.run_benchmark(
         lengths,
@@ -73,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# The full precision grid of the book (book/data/precision_cpu.csv); --quick: a seconds-long check.
+# The full precision grid of the book (book/data/precision_cpu.csv); --quick: seconds.
 PRECISION_LENGTHS = (512, 2048, 8192, 16384)
 PRECISION_QUICK_LENGTHS = (128,)
 
@@ -92,8 +116,8 @@ def _precision(args: argparse.Namespace) -> int:
         return 2
     log = _log
     log(
-        f"otattn precision: L in {list(lengths)}, offsets {list(offsets)}, {', '.join(dtypes)}, "
-        f"{torch.get_num_threads()} threads"
+        f"otattn precision: L in {list(lengths)}, offsets {list(offsets)}, "
+        f"{', '.join(dtypes)}, {torch.get_num_threads()} threads"
     )
     meta = bench.machine_description(bench.BenchConfig(dtype="float64"))
     rows = precision.run_grid(
@@ -108,13 +132,35 @@ def _precision(args: argparse.Namespace) -> int:
     }
     precision.write_csv(args.out, rows, meta)
     log(
-        f"wrote {args.out}; worst goat / sdpa error ratio in bf16/fp16: {meta['worst_goat_ratio_to_sdpa']}"
+        f"wrote {args.out}; worst goat / sdpa error ratio in bf16/fp16: "
+        f"{meta['worst_goat_ratio_to_sdpa']}"
     )
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    from otattn.experiments import cli_train
+
+    return cli_train.main(argv, prog="python -m otattn train")
+
+
+def _sweep(argv: list[str]) -> int:
+    from otattn.experiments import sweep
+
+    return sweep.main(argv)
+
+
+# Commands with parsers of their own: everything after the name is theirs.
+DELEGATED = {
+    "train": (_train, "train a tiny GPT on a sequence task (see train --help)"),
+    "sweep": (_sweep, "train once per attention variant and seed (see sweep --help)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]][0](list(argv[1:]))
     parser = argparse.ArgumentParser(
         prog="python -m otattn",
         description="otattn: attention as entropic optimal transport.",
@@ -122,24 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     bench = commands.add_parser(
         "bench",
-        help="time and measure the memory of GOAT attention against plain SDPA and the alternatives",
-        description="Speed (forward, forward+backward) and peak memory of GOAT attention against plain SDPA, "
-        "a materialised log-prior, an eager softmax, FlexAttention and the authors' package; "
-        "writes a CSV (with the machine description) and a .json sidecar.",
+        help="time and measure the memory of GOAT attention against plain SDPA and "
+        "the alternatives",
+        description="Speed (forward, forward+backward) and peak memory of GOAT "
+        "attention against plain SDPA, a materialised log-prior, an eager softmax, "
+        "FlexAttention and the authors' package; writes a CSV (with the machine "
+        "description) and a .json sidecar.",
     )
     bench.add_argument(
         "--lengths",
-        type=int,
+        type=_positive_int,
         nargs="+",
         metavar="L",
-        help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))}; --quick: "
-        f"{' '.join(map(str, QUICK_LENGTHS))})",
+        help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))}; "
+        f"--quick: {' '.join(map(str, QUICK_LENGTHS))})",
     )
     bench.add_argument(
         "--repeats",
-        type=int,
+        type=_positive_int,
         metavar="N",
-        help="timed repeats per case at L <= 2048, fewer (at least 3) above (default 7; --quick: 2)",
+        help="timed repeats per case at L <= 2048, fewer (at least 3) above "
+        "(default 7; --quick: 2)",
     )
     bench.add_argument(
         "--out",
@@ -157,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument(
         "--max-gib",
-        type=float,
+        type=_positive_float,
         default=12.0,
         help="skip a materialised (L x L) case estimated to need more (default 12)",
     )
@@ -172,18 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
     prec = commands.add_parser(
         "precision",
-        help="error of GOAT attention in float32/bfloat16/float16 against float64, next to plain SDPA",
-        description="Max output and gradient error of plain SDPA and of GOAT attention (sink lane in 3 channels, "
-        "and in 1 as before) in each dtype against float64 on the same rounded inputs, for three prior "
+        help="error of GOAT attention in float32/bfloat16/float16 against float64, "
+        "next to plain SDPA",
+        description="Max output and gradient error of plain SDPA and of GOAT "
+        "attention (sink lane in 3 channels, in 1, and with split relative lanes) in "
+        "each dtype against float64 on the same rounded inputs, for three prior "
         "settings, per length and absolute position offset; writes a CSV.",
     )
     prec.add_argument(
         "--lengths",
-        type=int,
+        type=_positive_int,
         nargs="+",
         metavar="L",
-        help=f"sequence lengths (default {' '.join(map(str, PRECISION_LENGTHS))}; --quick: "
-        f"{' '.join(map(str, PRECISION_QUICK_LENGTHS))})",
+        help=f"sequence lengths (default {' '.join(map(str, PRECISION_LENGTHS))}; "
+        f"--quick: {' '.join(map(str, PRECISION_QUICK_LENGTHS))})",
     )
     prec.add_argument(
         "--offsets",
@@ -200,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     prec.add_argument(
         "--block",
-        type=int,
+        type=_positive_int,
         default=256,
-        help="above 2*block tokens, measure 3 blocks of this many query rows (default 256)",
+        help="above 2*block tokens, measure 3 blocks of this many query rows "
+        "(default 256)",
     )
     prec.add_argument(
         "--out",
@@ -214,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="L = 128, offset 0: a few seconds"
     )
     prec.set_defaults(func=_precision)
+    for name, (_, help) in DELEGATED.items():  # listed here, parsed by their own
+        commands.add_parser(name, help=help, add_help=False)
     args = parser.parse_args(argv)
     args.argv = argv
     return args.func(args)

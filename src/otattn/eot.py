@@ -6,12 +6,13 @@ the keys and every axis before it as an independent row.
 
 The one-sided entropic problem fixes only the row marginal (each row is a probability
 vector over keys) and regularises each row by its Kullback--Leibler divergence to a
-prior :math:`\pi` over keys (book, :ref:`ch-softmax-eot`):
+prior :math:`\pi` over keys (book, :numref:`Chapter %s <ch-softmax-eot>`):
 
 .. math::
 
     P^\star = \operatorname*{argmin}_{P \ge 0,\; P\mathbf{1} = \mathbf{1}}
-        \langle P, C \rangle - \varepsilon H(P) - \varepsilon \langle P, \log \Pi \rangle,
+        \langle P, C \rangle - \varepsilon H(P)
+        - \varepsilon \langle P, \log \Pi \rangle,
 
 whose solution is the row softmax :math:`P^\star_{ij} \propto \exp(-C_{ij}/\varepsilon
 + \log \pi_{ij})`.  With no prior (``log_prior=None``, :math:`\log\Pi = 0`) this is
@@ -20,7 +21,8 @@ the constant :math:`\log S`.
 
 The balanced problem fixes both marginals, :math:`P\mathbf{1} = a` and
 :math:`P^\top\mathbf{1} = b`; :func:`sinkhorn` solves it by the log-domain Sinkhorn
-iteration (book, :ref:`ch-sinkhorn`), whose first row update is the one-sided plan.
+iteration (book, :numref:`Chapter %s <ch-sinkhorn>`), whose first row update is the
+one-sided plan.
 
 References: :cite:`cuturi2013sinkhorn`, :cite:`peyre2019computational`,
 :cite:`litman2026priors`, :cite:`sander2022sinkformers`.
@@ -47,7 +49,7 @@ __all__ = [
 
 
 def _check_eps(eps: float) -> float:
-    """Return ``eps`` as a float, or raise if it is not a positive finite real number."""
+    """Return ``eps`` as a float; raise unless it is a positive finite real number."""
     if isinstance(eps, np.ndarray) and eps.ndim == 0:  # a 0-d array is a scalar too
         eps = eps[()]
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
@@ -76,7 +78,8 @@ def _as_cost(cost) -> np.ndarray:
         )
     if np.isinf(cost).any():
         raise ValueError(
-            "cost contains an infinite entry; forbid a key with log_prior = -inf instead"
+            "cost contains an infinite entry; "
+            "forbid a key with log_prior = -inf instead"
         )
     return cost
 
@@ -84,11 +87,12 @@ def _as_cost(cost) -> np.ndarray:
 def _check_log_prior(
     log_prior, shape: tuple[int, ...], *, target: str = "the cost shape"
 ) -> np.ndarray:
-    """Return ``log_prior`` as float64 broadcast to ``shape`` (zeros for ``None``), or raise.
+    """Return ``log_prior`` as float64 broadcast to ``shape`` (zeros for ``None``).
 
-    A log-prior may be ``-inf`` (a key with zero prior mass, i.e. a mask) but never NaN or
-    ``+inf``.  A boolean array is refused: ``True``/``False`` would silently become the
-    log-weights 1 and 0, not a mask.  ``target`` names ``shape`` in the error message.
+    A log-prior may be ``-inf`` (a key with zero prior mass, i.e. a mask) but never NaN
+    or ``+inf``; anything else raises.  A boolean array is refused: ``True``/``False``
+    would silently become the log-weights 1 and 0, not a mask.  ``target`` names
+    ``shape`` in the error message.
     """
     if log_prior is None:
         return np.zeros(shape)
@@ -110,7 +114,8 @@ def _check_log_prior(
         broadcast = None
     if broadcast != shape:
         raise ValueError(
-            f"log_prior of shape {log_prior.shape} does not broadcast to {target} {shape}"
+            f"log_prior of shape {log_prior.shape} does not broadcast to "
+            f"{target} {shape}"
         )
     log_prior = log_prior.astype(np.float64, copy=False)
     if np.isnan(log_prior).any():
@@ -123,8 +128,8 @@ def _check_log_prior(
 def _as_log_prior(log_prior, shape: tuple[int, ...]) -> np.ndarray:
     """:func:`_check_log_prior`, and every row must keep at least one key.
 
-    A row whose prior has no mass admits no plan at all (the KL divergence is infinite for
-    every probability vector).
+    A row whose prior has no mass admits no plan at all (the KL divergence is infinite
+    for every probability vector).
     """
     log_prior = _check_log_prior(log_prior, shape)
     empty = np.all(log_prior == -np.inf, axis=-1)
@@ -137,26 +142,26 @@ def _as_log_prior(log_prior, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _shifted_logits(cost, eps, log_prior) -> tuple[np.ndarray, np.ndarray]:
-    """The Gibbs logits ``-(cost - c_min) / eps + log_prior``, and ``c_min``, after checking inputs.
+    """Gibbs logits ``-(cost - c_min) / eps + log_prior`` and ``c_min``, inputs checked.
 
     ``c_min`` (shape ``(..., 1)``) is each row's smallest cost among the keys the prior
     allows.  Removing it is a row constant, which changes no plan, and it keeps
     ``-cost / eps`` from overflowing to ``+inf`` for finite costs at tiny ``eps``: every
-    allowed logit is at most its log-prior, and at worst underflows to ``-inf`` (weight 0).
+    allowed logit is at most its log-prior, and at worst underflows to ``-inf``
+    (weight 0).
     """
     eps, cost = _check_eps(eps), _as_cost(cost)
     log_prior = _as_log_prior(log_prior, cost.shape)
     allowed = log_prior > -np.inf
     c_min = np.where(allowed, cost, np.inf).min(axis=-1, keepdims=True)
-    with np.errstate(
-        over="ignore"
-    ):  # (cost - c_min) / eps may overflow to +inf: weight 0
+    # A gap that overflows to +inf gives its key the weight 0, as it should.
+    with np.errstate(over="ignore"):
         gap = np.where(allowed, cost - c_min, 0.0) / eps
     return np.where(allowed, log_prior - gap, -np.inf), c_min
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
-    """``log sum_j exp z_j`` over the last axis, with the maximum taken out first (no overflow).
+    """``log sum_j exp z_j`` over the last axis, maximum taken out first (no overflow).
 
     Every slice must hold a finite entry; ``-inf`` entries contribute zero.
     """
@@ -165,7 +170,7 @@ def _logsumexp(z: np.ndarray) -> np.ndarray:
 
 
 def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``x * y`` with the convention ``0 * y = 0`` (so ``0 log 0 = 0`` and ``0 * -inf = 0``)."""
+    """``x * y`` with the convention ``0 * y = 0`` (so ``0 log 0 = 0 * -inf = 0``)."""
     return np.where(x > 0, x * np.where(x > 0, y, 0.0), 0.0)
 
 
@@ -180,9 +185,10 @@ def one_sided_plan(cost, *, eps: float = 1.0, log_prior=None) -> np.ndarray:
             \langle p, c_i \rangle + \varepsilon \,\mathrm{KL}(p \,\|\, \pi_i)
         = \operatorname{softmax}\bigl(-c_i/\varepsilon + \log \pi_i\bigr),
 
-    equation :eq:`eq-one-sided-solution` of the book.  With ``log_prior=None`` the prior is
-    uniform and the plan is ``softmax(-cost / eps)`` along the last axis.  The log-prior is
-    *not* divided by ``eps``, and a row-constant shift of it changes nothing.
+    equation :eq:`eq-one-sided-solution` of the book.  With ``log_prior=None`` the prior
+    is uniform and the plan is ``softmax(-cost / eps)`` along the last axis.  The
+    log-prior is *not* divided by ``eps``, and a row-constant shift of it changes
+    nothing.
 
     Computed in the log domain (the row maximum of the logits is subtracted before
     exponentiation), so costs of magnitude 1e4 with ``eps = 1e-3`` neither overflow nor
@@ -207,12 +213,13 @@ def one_sided_plan(cost, *, eps: float = 1.0, log_prior=None) -> np.ndarray:
     ------
     ValueError
         If ``eps`` is not positive and finite, ``cost`` holds NaN or infinities, or
-        ``log_prior`` does not broadcast to ``cost``, holds NaN or ``+inf``, or has a row
-        that is ``-inf`` everywhere.
+        ``log_prior`` does not broadcast to ``cost``, holds NaN or ``+inf``, or has a
+        row that is ``-inf`` everywhere.
 
     References
     ----------
-    :cite:`cuturi2013sinkhorn`, :cite:`peyre2019computational`, :cite:`litman2026priors`.
+    :cite:`cuturi2013sinkhorn`, :cite:`peyre2019computational`,
+    :cite:`litman2026priors`.
     """
     logits, _ = _shifted_logits(cost, eps, log_prior)
     weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -247,7 +254,9 @@ def one_sided_value(cost, *, eps: float = 1.0, log_prior=None) -> np.ndarray:
 
 
 def entropy(plan) -> np.ndarray:
-    r"""Shannon entropy of each row, :math:`H(p) = -\sum_j p_j \log p_j` with :math:`0 \log 0 = 0`.
+    r"""Shannon entropy of each row, :math:`H(p) = -\sum_j p_j \log p_j`.
+
+    With the convention :math:`0 \log 0 = 0`.
 
     Parameters
     ----------
@@ -265,10 +274,10 @@ def entropy(plan) -> np.ndarray:
 
 
 def kl_divergence(plan, log_prior) -> np.ndarray:
-    r"""Relative entropy of each row to a prior, :math:`\sum_j p_j (\log p_j - \log \pi_j)`.
+    r"""Relative entropy of each row to a prior, :math:`\sum_j p_j \log(p_j / \pi_j)`.
 
-    Equals :math:`\mathrm{KL}(p \,\|\, \pi)` when :math:`\pi` sums to one; it is ``+inf``
-    when ``plan`` puts mass where the prior has none.
+    Equals :math:`\mathrm{KL}(p \,\|\, \pi)` when :math:`\pi` sums to one; it is
+    ``+inf`` when ``plan`` puts mass where the prior has none.
 
     Parameters
     ----------
@@ -293,7 +302,8 @@ def one_sided_objective(plan, cost, *, eps: float = 1.0, log_prior=None) -> np.n
 
     .. math::
 
-        F_i(p) = \langle p, c_i \rangle - \varepsilon H(p) - \varepsilon \langle p, \log \pi_i \rangle
+        F_i(p) = \langle p, c_i \rangle - \varepsilon H(p)
+                 - \varepsilon \langle p, \log \pi_i \rangle
                = \langle p, c_i \rangle + \varepsilon \sum_j p_j \log (p_j / \pi_{ij}),
 
     equation :eq:`eq-one-sided` of the book.  With ``log_prior=None`` it is
@@ -325,7 +335,7 @@ def one_sided_objective(plan, cost, *, eps: float = 1.0, log_prior=None) -> np.n
     )
 
 
-# --- Balanced entropic OT: the log-domain Sinkhorn iteration (book, ch-sinkhorn) ---------
+# --- Balanced entropic OT: the log-domain Sinkhorn iteration (book, ch-sinkhorn) -----
 
 # Marginals that describe the same mass have totals equal up to ~n * 2**-53 of rounding;
 # 1e-10 accepts any such pair and still rejects a genuine mismatch.
@@ -333,7 +343,7 @@ _MASS_RTOL = 1e-10
 
 
 class SinkhornConvergenceWarning(UserWarning):
-    """:func:`sinkhorn` stopped at ``max_iter`` with the column marginal error above ``tol``.
+    """:func:`sinkhorn` reached ``max_iter`` with a column marginal error above ``tol``.
 
     The rows of its plan are exact; the columns are off by ``marginal_errors[-1]``.
     """
@@ -343,12 +353,13 @@ class SinkhornConvergenceWarning(UserWarning):
 class SinkhornResult:
     r"""Output of :func:`sinkhorn`.
 
-    ``plan`` (..., L, S) is :math:`\exp((f \oplus g - C)/\varepsilon)`, :eq:`eq-sinkhorn-plan`,
-    rows summing to ``a`` to rounding; ``f`` (..., L) and ``g`` (..., S) are the dual
-    potentials (``-inf`` where a marginal is zero; ``(f + t, g - t)`` gives the same plan);
-    ``n_iter`` counts row updates; ``converged`` says whether ``marginal_errors[-1] <= tol``;
-    ``marginal_errors`` (n_iter,) holds the column error ``max |plan.sum(axis=-2) - b|``
-    after each row update, maximum over all batch axes.
+    ``plan`` (..., L, S) is :math:`\exp((f \oplus g - C)/\varepsilon)`,
+    :eq:`eq-sinkhorn-plan`, rows summing to ``a`` to rounding; ``f`` (..., L) and ``g``
+    (..., S) are the dual potentials (``-inf`` where a marginal is zero;
+    ``(f + t, g - t)`` gives the same plan); ``n_iter`` counts row updates;
+    ``converged`` says whether ``marginal_errors[-1] <= tol``; ``marginal_errors``
+    (n_iter,) holds the column error ``max |plan.sum(axis=-2) - b|`` after each row
+    update, maximum over all batch axes.
     """
 
     plan: np.ndarray
@@ -360,7 +371,7 @@ class SinkhornResult:
 
 
 def _as_marginal(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Return marginal ``x`` as float64 broadcast to ``shape``, checked finite and non-negative."""
+    """Marginal ``x`` as float64 broadcast to ``shape``, checked finite and >= 0."""
     x = np.asarray(x)
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
@@ -386,9 +397,11 @@ def _soft_c_transform(
 ) -> np.ndarray:
     r"""Sinkhorn's row update, :eq:`eq-sinkhorn-f` of the book.
 
-    :math:`f_i = \varepsilon \log a_i - \varepsilon \lse_j \bigl((g_j - C_{ij})/\varepsilon\bigr)`.
-    Afterwards the rows of ``exp((f + g - cost) / eps)`` sum to ``a``.  On the transposed
-    cost, with the potentials' roles swapped, it is the column update :eq:`eq-sinkhorn-g`.
+    :math:`f_i = \varepsilon \log a_i
+    - \varepsilon \lse_j \bigl((g_j - C_{ij})/\varepsilon\bigr)`.
+    Afterwards the rows of ``exp((f + g - cost) / eps)`` sum to ``a``.  On the
+    transposed cost, with the potentials' roles swapped, it is the column update
+    :eq:`eq-sinkhorn-g`.
     """
     return eps * (log_a - _logsumexp((g[..., None, :] - cost) / eps))
 
@@ -402,16 +415,18 @@ def sinkhorn(
 
     .. math::
 
-        P^\star = \operatorname*{argmin}_{P \ge 0,\; P\mathbf{1} = a,\; P^\top\mathbf{1} = b}
+        P^\star = \operatorname*{argmin}_{
+                P \ge 0,\; P\mathbf{1} = a,\; P^\top\mathbf{1} = b}
             \langle P, C \rangle - \varepsilon H(P)
         = \exp\bigl((f \oplus g - C)/\varepsilon\bigr),
 
-    by block coordinate ascent on the dual :eq:`eq-dual`: from :math:`g = 0` it alternates
-    the row update :eq:`eq-sinkhorn-f` and the column update :eq:`eq-sinkhorn-g`, each a
-    log-sum-exp with its maximum taken out.  :math:`e^{-C/\varepsilon}` is never formed, so
-    costs of magnitude 1e4 with ``eps = 1e-3`` stay finite.  It ends on a row update, so
-    rows sum to ``a`` to rounding.  The first row update is
-    ``a[..., None] * one_sided_plan(cost, eps=eps)``, :eq:`eq-half-step`.
+    by block coordinate ascent on the dual :eq:`eq-dual`: from :math:`g = 0` it
+    alternates the row update :eq:`eq-sinkhorn-f` and the column update
+    :eq:`eq-sinkhorn-g`, each a log-sum-exp with its maximum taken out.
+    :math:`e^{-C/\varepsilon}` is never formed, so costs of magnitude 1e4 with
+    ``eps = 1e-3`` stay finite.  It ends on a row update, so rows sum to ``a`` to
+    rounding.  The first row update is ``a[..., None] * one_sided_plan(cost, eps=eps)``,
+    :eq:`eq-half-step`.
 
     Parameters
     ----------
@@ -424,7 +439,8 @@ def sinkhorn(
     eps : float
         Entropic weight, positive and finite.
     max_iter : int, default 1000
-        Largest number of row updates, at least 1; ``max_iter=1`` gives the one-sided plan.
+        Largest number of row updates, at least 1; ``max_iter=1`` gives the one-sided
+        plan.
     tol : float, default 1e-9
         Stop once the column marginal error after a row update,
         ``max |plan.sum(axis=-2) - b|`` over every batch axis, is ``<= tol``.
@@ -438,8 +454,9 @@ def sinkhorn(
     Raises
     ------
     ValueError
-        On a bad ``cost`` or ``eps`` (as :func:`one_sided_plan`); on marginals of the wrong
-        shape, non-finite, negative, or of zero or unequal mass; on ``max_iter < 1``, ``tol < 0``.
+        On a bad ``cost`` or ``eps`` (as :func:`one_sided_plan`); on marginals of the
+        wrong shape, non-finite, negative, or of zero or unequal mass; on
+        ``max_iter < 1`` or ``tol < 0``.
 
     Warns
     -----
@@ -448,7 +465,8 @@ def sinkhorn(
 
     References
     ----------
-    :cite:`cuturi2013sinkhorn`, :cite:`peyre2019computational`, :cite:`sander2022sinkformers`.
+    :cite:`cuturi2013sinkhorn`, :cite:`peyre2019computational`,
+    :cite:`sander2022sinkformers`.
     """
     eps, cost = _check_eps(eps), _as_cost(cost)
     if cost.ndim < 2:
@@ -471,11 +489,13 @@ def sinkhorn(
         raise ValueError(f"a and b must have equal, positive total mass, got {masses}")
     with np.errstate(divide="ignore"):  # a zero marginal entry gets the potential -inf
         log_a, log_b = np.log(a), np.log(b)
-    cost_t, g, errors = np.swapaxes(cost, -1, -2), np.zeros(b.shape), []
+    cost_t, errors = np.swapaxes(cost, -1, -2), []
+    g = np.zeros(b.shape)
+    f = _soft_c_transform(cost, g, log_a, eps)  # the first row update, from g = 0
     for n_iter in range(1, max_iter + 1):
         if n_iter > 1:
             g = _soft_c_transform(cost_t, f, log_b, eps)
-        f = _soft_c_transform(cost, g, log_a, eps)
+            f = _soft_c_transform(cost, g, log_a, eps)
         plan = np.exp((f[..., :, None] + g[..., None, :] - cost) / eps)
         errors.append(float(np.abs(plan.sum(axis=-2) - b).max()))
         if errors[-1] <= tol:

@@ -2,16 +2,17 @@ r"""Fitting a GOAT prior to target attention patterns, in NumPy (float64).
 
 The prior-only attention of a GOAT log-prior :math:`K(\theta)` under a mask is
 :math:`P(\theta) = \operatorname{softmax}(K(\theta) + \log M)` row by row (zero content
-scores, book :ref:`ch-goat`).  Given target rows :math:`T_i` on the simplex, we minimise
-the mean relative entropy
+scores, book :numref:`Chapter %s <ch-goat>`).  Given target rows :math:`T_i` on the
+simplex, we minimise the mean relative entropy
 
 .. math::
 
     \ell(\theta) = \frac{1}{L} \sum_i \mathrm{KL}\bigl(T_i \,\|\, P_i(\theta)\bigr),
     \qquad \frac{\partial \ell}{\partial K_{ij}} = \frac{P_{ij} - T_{ij}}{L},
 
-:eq:`eq-fit-loss`, by back-propagating through the lanes of :func:`otattn.spectral.goat_lanes`
-(the same path a fused kernel's backward takes), :eq:`eq-lane-gradients`, and Adam.
+:eq:`eq-fit-loss`, by back-propagating through the lanes of
+:func:`otattn.spectral.goat_lanes` (the same path a fused kernel's backward takes),
+:eq:`eq-lane-gradients`, and Adam.
 
 References: :cite:`litman2026priors`.
 """
@@ -45,7 +46,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossGradient:
-    """Output of :func:`prior_fit_loss`: ``loss`` (float), ``grad`` (GoatParams), ``plan`` (L, S)."""
+    """Output of :func:`prior_fit_loss`.
+
+    ``loss`` (float), its gradient ``grad`` (GoatParams) and the attention ``plan``
+    (L, S).
+    """
 
     loss: float
     grad: GoatParams
@@ -54,7 +59,10 @@ class LossGradient:
 
 @dataclass(frozen=True)
 class FitResult:
-    """Output of :func:`fit_goat_prior`: fitted ``params``, ``losses`` (steps + 1,), final ``plan`` (L, S)."""
+    """Output of :func:`fit_goat_prior`.
+
+    The fitted ``params``, the ``losses`` (steps + 1,) and the final ``plan`` (L, S).
+    """
 
     params: GoatParams
     losses: np.ndarray
@@ -64,20 +72,24 @@ class FitResult:
 def goat_lanes_vjp(
     params: GoatParams, grad_lanes: Lanes, L: int, S: int, *, length: int | None = None
 ) -> GoatParams:
-    r"""Gradient with respect to the GOAT parameters, from the gradient with respect to the lanes.
+    r"""Gradient with respect to the GOAT parameters, from the gradient of the lanes.
 
     The vector-Jacobian product of :func:`otattn.spectral.goat_lanes` at the default
-    positions (book :eq:`eq-lane-gradients`).  With :math:`G^q = \partial\ell/\partial
-    q^{\mathrm{lane}}` (L, C), its cosine and sine columns :math:`G^q_c, G^q_s` (L, R),
-    and the query phases :math:`c_{ir} = \cos\omega_r p_i`, :math:`s_{ir} = \sin\omega_r p_i`,
+    positions (book :eq:`eq-lane-gradients`).  With
+    :math:`G^q = \partial\ell/\partial q^{\mathrm{lane}}` (L, :math:`N_\pi`), its cosine
+    and sine columns :math:`G^q_c, G^q_s` (L, R), and the query phases
+    :math:`c_{ir} = \cos\omega_r p_i`, :math:`s_{ir} = \sin\omega_r p_i`,
 
     .. math::
 
-        \frac{\partial\ell}{\partial\alpha_r} = \sum_i G^q_{c,ir} c_{ir} + G^q_{s,ir} s_{ir}, \qquad
-        \frac{\partial\ell}{\partial\beta_r} = \sum_i G^q_{c,ir} s_{ir} - G^q_{s,ir} c_{ir},
+        \frac{\partial\ell}{\partial\alpha_r}
+            = \sum_i G^q_{c,ir} c_{ir} + G^q_{s,ir} s_{ir}, \qquad
+        \frac{\partial\ell}{\partial\beta_r}
+            = \sum_i G^q_{c,ir} s_{ir} - G^q_{s,ir} c_{ir},
 
-    and :math:`\partial\ell/\partial u_j = G^k_{j,C}` (the last key lane) flows into the sink
-    MLP by the chain rule.  The relative key lanes hold no parameter.  Sequences only.
+    and :math:`\partial\ell/\partial u_j = G^k_{j,N_\pi}` (the last key lane) flows into
+    the sink MLP by the chain rule.  The relative key lanes hold no parameter.
+    Sequences only.
 
     Parameters
     ----------
@@ -97,7 +109,8 @@ def goat_lanes_vjp(
     alpha = np.asarray(params.alpha)
     if alpha.ndim != 1:
         raise ValueError(
-            f"goat_lanes_vjp handles sequences: alpha must have shape (R,), got {alpha.shape}"
+            "goat_lanes_vjp handles sequences: alpha must have shape (R,), "
+            f"got {alpha.shape}"
         )
     R = alpha.size
     gq, gk = (
@@ -106,7 +119,8 @@ def goat_lanes_vjp(
     )
     if gq.shape != (L, 2 * R + 1) or gk.shape != (S, 2 * R + 1):
         raise ValueError(
-            f"lane gradients must have shapes ({L}, {2 * R + 1}) and ({S}, {2 * R + 1}), got {gq.shape}, {gk.shape}"
+            f"lane gradients must have shapes ({L}, {2 * R + 1}) and "
+            f"({S}, {2 * R + 1}), got {gq.shape}, {gk.shape}"
         )
     key_pos = np.arange(S)
     c, s = np.split(
@@ -137,14 +151,15 @@ def _check_target(target, log_mask) -> tuple[np.ndarray, np.ndarray]:
     target = np.asarray(target, dtype=np.float64)
     if target.ndim != 2 or not np.isfinite(target).all() or (target < 0).any():
         raise ValueError(
-            f"target must be a finite non-negative (L, S) array, got shape {target.shape}"
+            "target must be a finite non-negative (L, S) array, "
+            f"got shape {target.shape}"
         )
     np_sum = np.einsum("ij->i", target)
-    if (
-        np.abs(np_sum - 1.0).max() > 1e-9
-    ):  # rows are probability vectors, up to float rounding
+    # Rows are probability vectors, up to float rounding.
+    if np.abs(np_sum - 1.0).max() > 1e-9:
         raise ValueError(
-            f"every target row must sum to one, got sums in [{np_sum.min()}, {np_sum.max()}]"
+            "every target row must sum to one, "
+            f"got sums in [{np_sum.min()}, {np_sum.max()}]"
         )
     log_mask = (
         np.zeros(target.shape)
@@ -153,7 +168,8 @@ def _check_target(target, log_mask) -> tuple[np.ndarray, np.ndarray]:
     )
     if (target[log_mask == -np.inf] > 0).any():
         raise ValueError(
-            "target puts mass on a key that the mask forbids: the loss would be infinite"
+            "target puts mass on a key that the mask forbids: "
+            "the loss would be infinite"
         )
     return target, log_mask
 
@@ -161,12 +177,12 @@ def _check_target(target, log_mask) -> tuple[np.ndarray, np.ndarray]:
 def prior_fit_loss(
     params: GoatParams, target, *, log_mask=None, length: int | None = None
 ) -> LossGradient:
-    r"""Mean relative entropy of the targets to the prior-only attention, and its gradient.
+    r"""Mean relative entropy of the targets to the prior-only attention; its gradient.
 
     :math:`\ell = \frac1L \sum_i \mathrm{KL}(T_i \,\|\, P_i)` with
-    :math:`P = \operatorname{softmax}(K + \log M)` (:func:`otattn.eot.one_sided_plan` on zero
-    scores), :eq:`eq-fit-loss`; the gradient comes from :math:`(P - T)/L` through the lanes,
-    :func:`goat_lanes_vjp`.
+    :math:`P = \operatorname{softmax}(K + \log M)` (:func:`otattn.eot.one_sided_plan` on
+    zero scores), :eq:`eq-fit-loss`; the gradient comes from :math:`(P - T)/L` through
+    the lanes, :func:`goat_lanes_vjp`.
 
     Parameters
     ----------
@@ -175,7 +191,8 @@ def prior_fit_loss(
     target : array_like, shape (L, S)
         Target attention; rows on the simplex, zero where ``log_mask`` is ``-inf``.
     log_mask : array_like, broadcastable to (L, S), optional
-        A mask as a log-prior (e.g. :func:`otattn.priors.causal_log_prior`); default none.
+        A mask as a log-prior (e.g. :func:`otattn.priors.causal_log_prior`); default
+        none.
     length : int, optional
         Sink length normalisation (default ``S``).
 
@@ -189,9 +206,7 @@ def prior_fit_loss(
     logits = np.einsum("ic,jc->ij", lanes.query, lanes.key) + log_mask  # K + log M
     zeros = np.zeros((L, S))
     plan = one_sided_plan(zeros, log_prior=logits)
-    log_plan = (
-        logits + one_sided_value(zeros, log_prior=logits)[:, None]
-    )  # log P = Z - lse(Z)
+    log_plan = logits + one_sided_value(zeros, log_prior=logits)[:, None]  # Z - lse(Z)
     loss = float(np.mean(kl_divergence(target, log_plan)))
     g = (plan - target) / L  # d loss / d K
     grad_lanes = Lanes(
@@ -248,6 +263,22 @@ def fit_goat_prior(
     Adam (:math:`\beta_1 = 0.9`, :math:`\beta_2 = 0.999`) with bias correction, a fixed
     learning rate, ``steps`` updates from ``init``; deterministic.
 
+    Parameters
+    ----------
+    target : array_like, shape (L, S)
+        Target attention, as in :func:`prior_fit_loss`.
+    init : GoatParams
+        Starting parameters (sequences: ``alpha`` of shape (R,)); their shapes, and
+        whether there is a sink term, are those of the fit.
+    log_mask : array_like, broadcastable to (L, S), optional
+        A mask as a log-prior; default none.
+    steps : int, default 300
+        Number of Adam updates, at least 0.
+    learning_rate : float, default 0.05
+        Adam's step size, positive and finite.
+    length : int, optional
+        Sink length normalisation (default ``S``).
+
     Returns
     -------
     FitResult
@@ -263,11 +294,7 @@ def fit_goat_prior(
         raise ValueError(
             f"learning_rate must be positive and finite, got {learning_rate!r}"
         )
-    beta1, beta2, tiny = (
-        0.9,
-        0.999,
-        1e-8,
-    )  # Adam's usual constants; tiny only guards 0/0
+    beta1, beta2, tiny = 0.9, 0.999, 1e-8  # Adam's usual constants; tiny guards 0/0
     x = _flatten(init)
     m, v = np.zeros_like(x), np.zeros_like(x)
     losses = []

@@ -1,23 +1,24 @@
-r"""Gated attention in NumPy (float64): a sigmoid gate on the attention output, with gradients.
+r"""Gated attention in NumPy (float64): a sigmoid gate on the attention, and gradients.
 
 The gate of :cite:`qiu2025gated` at their position G1 multiplies the per-head attention
-output :math:`Y` (before the output projection) by a sigmoid of the layer input :math:`X`
-(book, :ref:`ch-gated`):
+output :math:`Y` (before the output projection) by a sigmoid of the layer input
+:math:`X` (book, :numref:`Chapter %s <ch-gated>`):
 
 .. math::
 
-    Y'_{hid} = Y_{hid}\, g_{hid}, \qquad g_{hid} = \sigma\Bigl(\sum_m X_{im} W_{mhd}\Bigr),
-    \qquad Y_{h i \cdot} = \sum_j P_{hij} V_{hj\cdot},
+    Y'_{hid} = Y_{hid}\, g_{hid}, \qquad
+    g_{hid} = \sigma\Bigl(\sum_m X_{im} W_{mhd}\Bigr), \qquad
+    Y_{h i \cdot} = \sum_j P_{hij} V_{hj\cdot},
 
 with :math:`P` the plan of :func:`otattn.attention.attention_plan`.  The gate weight
-``w_gate`` has shape ``(M, H, G)``: ``G = Dv`` is the *elementwise* gate (one per channel),
-``G = 1`` the *headwise* gate (one per head, broadcast over the channels).  No flag
-chooses between them; the shape does.
+``w_gate`` has shape ``(M, H, G)``: ``G = Dv`` is the *elementwise* gate (one per
+channel), ``G = 1`` the *headwise* gate (one per head, broadcast over the channels).  No
+flag chooses between them; the shape does.
 
 A headwise gate is a sink attention with a query-dependent sink logit
-:math:`b_{hi} = \ell_{hi} - \operatorname{logit} g_{hi}` (:func:`sink_logit_from_gate`,
-:eq:`eq-gate-is-sink`); an elementwise gate is not a single softmax at all
-(:eq:`eq-hull`).
+:math:`\zeta_{hi} = \ell_{hi} - \operatorname{logit} g_{hi}`
+(:func:`sink_logit_from_gate`, :eq:`eq-gate-is-sink`); an elementwise gate is not a
+single softmax at all (equation :eq:`eq-hull`).
 
 References: :cite:`qiu2025gated`, :cite:`miller2023offbyone`.
 """
@@ -41,9 +42,10 @@ __all__ = [
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    r"""The logistic function :math:`\sigma(z) = 1/(1 + e^{-z})`, written as ``(1 + tanh(z/2))/2``.
+    r"""The logistic function :math:`\sigma(z) = 1/(1 + e^{-z})`.
 
-    The tanh form never overflows, for any finite ``z``.
+    Written as ``(1 + tanh(z/2))/2``: the tanh form never overflows, for any finite
+    ``z``.
     """
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
@@ -51,7 +53,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _check_gate_inputs(
     x, w_gate, H: int, L: int, Dv: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``x`` (..., L, M) and ``w_gate`` (M, H, G) as float64, checked against the heads."""
+    """``x`` (..., L, M) and ``w_gate`` (M, H, G) as float64, checked against the heads.
+
+    ``H``, ``L`` and ``Dv`` are those of the attention the gate multiplies.
+    """
     x = _as_real(x, "x", "(..., L, M)")
     w_gate = np.asarray(w_gate)
     if w_gate.ndim != 3:
@@ -72,7 +77,8 @@ def _check_gate_inputs(
         )
     if G not in (1, Dv):
         raise ValueError(
-            f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), got {G}"
+            f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), "
+            f"got {G}"
         )
     return x, w_gate
 
@@ -97,7 +103,8 @@ def gate_values(x, w_gate) -> np.ndarray:
     w_gate = _as_real(w_gate, "w_gate", "(M, H, G)")
     if w_gate.ndim != 3 or w_gate.shape[0] != x.shape[-1]:
         raise ValueError(
-            f"w_gate must have shape (M, H, G) with M = {x.shape[-1]}, got {w_gate.shape}"
+            f"w_gate must have shape (M, H, G) with M = {x.shape[-1]}, "
+            f"got {w_gate.shape}"
         )
     return _sigmoid(np.einsum("...im,mhg->...hig", x, w_gate))
 
@@ -106,9 +113,10 @@ def gate_values(x, w_gate) -> np.ndarray:
 class GatedAttention:
     r"""Output of :func:`gated_attention`.
 
-    ``out`` (..., H, L, Dv) is :math:`Y' = Y \odot g`; ``attention`` (..., H, L, Dv) is the
-    ungated output :math:`Y`; ``gate`` (..., H, L, G) is :math:`g`, with ``G = 1`` for a
-    headwise gate (it broadcasts over the channels) and ``G = Dv`` for an elementwise one.
+    ``out`` (..., H, L, Dv) is :math:`Y' = Y \odot g`; ``attention`` (..., H, L, Dv) is
+    the ungated output :math:`Y`; ``gate`` (..., H, L, G) is :math:`g`, with ``G = 1``
+    for a headwise gate (it broadcasts over the channels) and ``G = Dv`` for an
+    elementwise one.
     """
 
     out: np.ndarray
@@ -121,7 +129,8 @@ class GatedAttentionGradients:
     """Gradients of a scalar loss returned by :func:`gated_attention_backward`.
 
     Each field has the shape of the argument of the same name: ``q`` (..., H, L, D),
-    ``k`` (..., H, S, D), ``v`` (..., H, S, Dv), ``x`` (..., L, M), ``w_gate`` (M, H, G).
+    ``k`` (..., H, S, D), ``v`` (..., H, S, Dv), ``x`` (..., L, M), ``w_gate``
+    (M, H, G).
     """
 
     q: np.ndarray
@@ -150,11 +159,12 @@ def _forward(q, k, v, x, w_gate, log_prior, eps, scale):
 def gated_attention(
     q, k, v, x, w_gate, *, log_prior=None, eps: float = 1.0, scale: float | None = None
 ) -> GatedAttention:
-    r"""Gated attention: :math:`Y' = Y \odot \sigma(X W_g)`, the gate after the attention output.
+    r"""Gated attention :math:`Y' = Y \odot \sigma(X W_g)`, gating the attention output.
 
     :math:`Y` is :func:`otattn.attention.prior_attention` per head, and the gate
     :math:`g = \sigma(X W_g)` (:func:`gate_values`) multiplies it before the output
-    projection, position G1 of :cite:`qiu2025gated`; equation :eq:`eq-gated` of the book.
+    projection, position G1 of :cite:`qiu2025gated`; equation :eq:`eq-gated` of the
+    book.
 
     Parameters
     ----------
@@ -188,7 +198,7 @@ def gated_attention(
 
 
 def _sum_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Sum ``grad`` over the axes that broadcasting added or stretched, to get ``shape``."""
+    """Undo broadcasting: sum ``grad`` over the added or stretched axes to ``shape``."""
     grad = grad.sum(axis=tuple(range(grad.ndim - len(shape))))
     stretched = tuple(a for a, n in enumerate(shape) if n == 1 and grad.shape[a] != 1)
     return grad.sum(axis=stretched, keepdims=True)
@@ -206,25 +216,28 @@ def gated_attention_backward(
     eps: float = 1.0,
     scale: float | None = None,
 ) -> GatedAttentionGradients:
-    r"""Gradients of gated attention by the chain rule, for a loss with :math:`\partial\mathcal{L}/\partial Y' = ` ``grad_out``.
+    r"""Gradients of gated attention by the chain rule.
 
-    With :math:`Z = (\text{scale}/\varepsilon)\, Q K^\top + \log\Pi`, :math:`P = \softmax(Z)`,
-    :math:`Y = PV`, :math:`A = X W_g`, :math:`g = \sigma(A)` and :math:`Y' = Y \odot g`
-    (equations :eq:`eq-gated-backward` of the book):
+    ``grad_out`` is :math:`\bar Y' = \partial\mathcal{L}/\partial Y'` for a scalar
+    loss :math:`\mathcal{L}`, and a bar marks every such gradient.  With
+    :math:`Z = (\text{scale}/\varepsilon)\, Q K^\top + \log\Pi`,
+    :math:`P = \softmax(Z)`, :math:`Y = PV`, :math:`A = X W_g`, :math:`g = \sigma(A)`
+    and :math:`Y' = Y \odot g` (equations :eq:`eq-gated-backward` of the book):
 
     .. math::
 
-        \bar Y = \bar Y' \odot g, \quad
-        \bar A = \textstyle\sum_{\text{bcast}} (\bar Y' \odot Y)\, g(1 - g), \quad
-        \bar V = P^\top \bar Y, \quad
-        \bar P = \bar Y V^\top, \quad
-        \bar Z = P \odot (\bar P - \textstyle\sum_j P \bar P), \\
-        \bar Q = \tfrac{\text{scale}}{\varepsilon} \bar Z K, \quad
-        \bar K = \tfrac{\text{scale}}{\varepsilon} \bar Z^\top Q, \quad
-        \bar X = \textstyle\sum_h \bar A W_g^\top, \quad
-        \bar W_g = \textstyle\sum_{\text{batch}} X^\top \bar A .
+        & \bar Y = \bar Y' \odot g, \quad
+          \bar A = \textstyle\sum_{\text{bcast}} (\bar Y' \odot Y)\, g(1 - g), \\
+        & \bar V = P^\top \bar Y, \quad
+          \bar P = \bar Y V^\top, \quad
+          \bar Z = P \odot (\bar P - \textstyle\sum_j P \bar P), \\
+        & \bar Q = \tfrac{\text{scale}}{\varepsilon} \bar Z K, \quad
+          \bar K = \tfrac{\text{scale}}{\varepsilon} \bar Z^\top Q, \\
+        & \bar X = \textstyle\sum_h \bar A W_g^\top, \quad
+          \bar W_g = \textstyle\sum_{\text{batch}} X^\top \bar A .
 
-    The plan is recomputed from ``q`` and ``k`` (as FlashAttention does), not stored.
+    The plan is recomputed from ``q`` and ``k``, not stored, as FlashAttention does
+    :cite:`dao2022flashattention`.
     Gradients of broadcast inputs are summed over the broadcast axes.
 
     Parameters
@@ -273,11 +286,16 @@ def gated_attention_backward(
 
 
 def sink_logit_from_gate(gate, lse) -> np.ndarray:
-    r"""The sink logit that reproduces a headwise gate: :math:`b_i = \ell_i - \operatorname{logit}(g_i)`.
+    r"""The sink logit that reproduces a headwise gate.
+
+    .. math::
+
+        \zeta_i = \ell_i - \operatorname{logit}(g_i) .
 
     By :eq:`eq-gate-is-sink`, sink attention with this logit
-    (:func:`otattn.attention.sink_attention`) returns :math:`g_i\, O_i`, the headwise-gated
-    output.  The logit depends on the query through :math:`g_i` and :math:`\ell_i`.
+    (:func:`otattn.attention.sink_attention`) returns :math:`g_i\, O_i`, the
+    headwise-gated output.  The logit depends on the query through :math:`g_i` and
+    :math:`\ell_i`.
 
     Parameters
     ----------
@@ -295,7 +313,8 @@ def sink_logit_from_gate(gate, lse) -> np.ndarray:
     lse = np.asarray(lse, dtype=np.float64)
     if np.any((gate <= 0.0) | (gate >= 1.0)):
         raise ValueError(
-            "gate must lie strictly between 0 and 1 (a gate of 0 or 1 needs an infinite sink logit)"
+            "gate must lie strictly between 0 and 1 "
+            "(a gate of 0 or 1 needs an infinite sink logit)"
         )
     if not np.isfinite(lse).all():
         raise ValueError("lse must be finite (a row with no key has no sink logit)")

@@ -1,19 +1,20 @@
 r"""Sink metrics in NumPy (float64): how much attention goes to the first token.
 
-Defined in the book, :ref:`sec-sink-metrics`.  For a head :math:`h` with plan
-:math:`P^{(h)}` (rows = queries, columns = keys, key 0 = the first token), the *first-token
-mass* of the head is the mean of :math:`P^{(h)}_{i0}` over the **informative** queries:
-those that can see the first token *and* at least one other key.  Two kinds of query are
-left out, because their first-token weight says nothing about the head:
+Defined in the book, :numref:`Section %s <sec-sink-metrics>`.  For a head :math:`h` with
+plan :math:`P^{(h)}` (rows = queries, columns = keys, key 0 = the first token), the
+*first-token mass* of the head is the mean of :math:`P^{(h)}_{i0}` over the
+**informative** queries: those that can see the first token *and* at least one other
+key.  Two kinds of query are left out, because their first-token weight says nothing
+about the head:
 
-- a query that cannot see key 0 (a sliding window, a padding query, a query placed before
-  the first key) has :math:`P_{i0} = 0` whatever the head does;
-- a query whose only visible key is key 0 -- under a causal mask, the first query, which
-  sees only itself -- has :math:`P_{i0} = 1` whatever the head does.
+- a query that cannot see key 0 (a sliding window, a padding query, a query placed
+  before the first key) has :math:`P_{i0} = 0` whatever the head does;
+- a query whose only visible key is key 0 -- under a causal mask, the first query,
+  which sees only itself -- has :math:`P_{i0} = 1` whatever the head does.
 
 Counting them would bias the mean towards 0 or 1 by about :math:`1/L`.  The layer metric
 averages the heads; the sink fraction counts the heads whose mass exceeds a threshold
-:math:`\epsilon` (:cite:`gu2024sink` use a metric of this form, counting every query
+:math:`\gamma` (:cite:`gu2024sink` use a metric of this form, counting every query
 from the first token on).
 
 References: :cite:`xiao2023streaming`, :cite:`gu2024sink`.
@@ -34,7 +35,7 @@ __all__ = [
 
 
 def _as_plan(plan) -> np.ndarray:
-    """Return ``plan`` as float64 of shape (..., H, L, S), checked to be non-negative rows."""
+    """``plan`` as float64 of shape (..., H, L, S), checked finite and non-negative."""
     plan = np.asarray(plan)
     if plan.dtype == bool or not (
         np.issubdtype(plan.dtype, np.floating) or np.issubdtype(plan.dtype, np.integer)
@@ -71,7 +72,8 @@ def informative_queries(allowed, L: int, S: int) -> np.ndarray:
     allowed = np.asarray(allowed)
     if allowed.dtype != bool:
         raise ValueError(
-            f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}"
+            "allowed must be a boolean mask (True = may attend), "
+            f"got dtype {allowed.dtype}"
         )
     if allowed.ndim < 2 or allowed.shape[-2:] not in ((L, S), (1, S), (L, 1), (1, 1)):
         raise ValueError(
@@ -82,10 +84,15 @@ def informative_queries(allowed, L: int, S: int) -> np.ndarray:
 
 
 def first_token_mass_per_head(plan, *, allowed=None) -> np.ndarray:
-    r"""Mean attention on the first token per head, :math:`\alpha_h = \operatorname{mean}_{b,\, i \in I} P^{(b,h)}_{i0}`.
+    r"""Mean attention on the first token, per head.
 
-    Equation :eq:`eq-first-token-mass` of the book.  The mean runs over every leading
-    (batch) axis and over the informative queries :math:`I` (:func:`informative_queries`).
+    .. math::
+
+        \alpha_h = \operatorname{mean}_{b,\, i \in I} P^{(b,h)}_{i0},
+
+    equation :eq:`eq-first-token-mass` of the book.  The mean runs over every leading
+    (batch) axis and over the informative queries :math:`I`
+    (:func:`informative_queries`).
 
     Parameters
     ----------
@@ -114,25 +121,24 @@ def first_token_mass_per_head(plan, *, allowed=None) -> np.ndarray:
         raise ValueError(
             f"allowed does not broadcast to the plan {plan.shape}"
         ) from None
-    axes = tuple(
-        a for a in range(plan.ndim - 1) if a != plan.ndim - 3
-    )  # all but the head axis
+    axes = tuple(a for a in range(plan.ndim - 1) if a != plan.ndim - 3)  # all but H
     count = weights.sum(axis=axes)  # (H,)
     if (count == 0).any():
         raise ValueError(
-            "no informative query: every query sees either no first token or nothing else"
+            "no informative query: "
+            "every query sees either no first token or nothing else"
         )
     total = np.einsum("...hi,...hi->...h", weights, plan[..., 0])  # (..., H)
     return total.reshape(-1, total.shape[-1]).sum(axis=0) / count
 
 
 def first_token_mass(plan, *, allowed=None) -> float:
-    r"""First-token attention mass of a layer: :math:`\bar\alpha = \frac1H \sum_h \alpha_h`.
+    r"""First-token mass of a layer, :math:`\bar\alpha = \frac1H \sum_h \alpha_h`.
 
     The mean over heads of :func:`first_token_mass_per_head`, equation
-    :eq:`eq-first-token-mass`.  It lies in :math:`[0, 1]`: 1 for a head that puts all its
-    weight on the first token, :math:`\operatorname{mean}_i 1/n_i` for a head that spreads it
-    evenly over the :math:`n_i` keys each query sees.
+    :eq:`eq-first-token-mass`.  It lies in :math:`[0, 1]`: 1 for a head that puts all
+    its weight on the first token, :math:`\operatorname{mean}_i 1/n_i` for a head that
+    spreads it evenly over the :math:`n_i` keys each query sees.
 
     Parameters
     ----------
@@ -147,7 +153,7 @@ def first_token_mass(plan, *, allowed=None) -> float:
 
 
 def sink_head_fraction(plan, *, threshold: float, allowed=None) -> float:
-    r"""Fraction of sink heads: :math:`\frac1H \#\{h : \alpha_h > \epsilon\}`.
+    r"""Fraction of sink heads: :math:`\frac1H \#\{h : \alpha_h > \gamma\}`.
 
     Equation :eq:`eq-sink-fraction` of the book, with :math:`\alpha_h` from
     :func:`first_token_mass_per_head`.
@@ -156,7 +162,7 @@ def sink_head_fraction(plan, *, threshold: float, allowed=None) -> float:
     ----------
     plan : array_like, shape (..., H, L, S)
     threshold : float
-        The threshold :math:`\epsilon`, strictly between 0 and 1.
+        The threshold :math:`\gamma`, strictly between 0 and 1.
     allowed : array_like of bool, broadcastable to (..., H, L, S), optional
 
     Returns
@@ -170,6 +176,7 @@ def sink_head_fraction(plan, *, threshold: float, allowed=None) -> float:
         or not 0.0 < threshold < 1.0
     ):
         raise ValueError(
-            f"threshold must be a real number strictly between 0 and 1, got {threshold!r}"
+            "threshold must be a real number strictly between 0 and 1, "
+            f"got {threshold!r}"
         )
     return float(np.mean(first_token_mass_per_head(plan, allowed=allowed) > threshold))

@@ -1,21 +1,22 @@
-r"""Log-prior builders in NumPy (float64): where attention may look before it sees the scores.
+r"""Log-prior builders in NumPy (float64): where attention may look before any score.
 
-A prior :math:`\pi_i` is a distribution over the keys for query :math:`i`; attention with
-that prior is :math:`\operatorname{softmax}(s_i/\varepsilon + \log \pi_i)`, equation
-:eq:`eq-prior-solution` of the book (:ref:`ch-priors`), computed by
-:func:`otattn.eot.one_sided_plan`.  Every builder here returns the *log* of the prior as
-an array of shape ``(L, S)`` (or ``(1, S)``, which broadcasts), with ``-inf`` where the prior
-has no mass.
+A prior :math:`\pi_i` is a distribution over the keys for query :math:`i`; attention
+with that prior is :math:`\operatorname{softmax}(s_i/\varepsilon + \log \pi_i)`,
+equation :eq:`eq-prior-solution` of the book (:numref:`Chapter %s <ch-priors>`),
+computed by :func:`otattn.eot.one_sided_plan`.  Every builder here returns the *log* of
+the prior as an array of shape ``(L, S)`` (or ``(1, S)``, which broadcasts), with
+``-inf`` where the prior has no mass.
 
 Log-priors are defined up to a constant per row: adding :math:`r_i` to row :math:`i`
-changes no attention weight (:eq:`eq-row-shift`).  So the builders return log-weights
-that need not sum to one, and two priors combine by adding their log-priors.
+changes no attention weight (equation :eq:`eq-row-shift`).  So the builders return
+log-weights that need not sum to one, and two priors combine by adding their log-priors.
 
-Positions.  Query :math:`i` sits at the integer position ``query_pos[i]`` and key
-:math:`j` at ``key_pos[j]``; the lag is :math:`d_{ij} = \text{query\_pos}_i -
-\text{key\_pos}_j`.  By default the keys sit at ``0, ..., S-1`` and the queries are the
-*last* ``L`` keys, ``S-L, ..., S-1``: a block of ``L`` new tokens appended to a cache of
-``S - L`` earlier ones (KV-cache decoding; ``L = S`` is ordinary self-attention).
+Positions.  Query :math:`i` sits at the integer position :math:`\mathrm{qpos}_i`
+(``query_pos[i]``) and key :math:`j` at :math:`\mathrm{kpos}_j` (``key_pos[j]``); the
+lag is :math:`d_{ij} = \mathrm{qpos}_i - \mathrm{kpos}_j`.  By default the keys sit at
+``0, ..., S-1`` and the queries are the *last* ``L`` keys, ``S-L, ..., S-1``: a block of
+``L`` new tokens appended to a cache of ``S - L`` earlier ones (KV-cache decoding;
+``L = S`` is ordinary self-attention).
 
 References: :cite:`litman2026priors`, :cite:`press2022alibi`.
 """
@@ -54,7 +55,7 @@ def _check_positions(pos, n: int, name: str) -> np.ndarray:
 
 
 def position_lag(L: int, S: int, *, query_pos=None, key_pos=None) -> np.ndarray:
-    r"""Lag matrix :math:`d_{ij} = \text{query\_pos}_i - \text{key\_pos}_j`.
+    r"""Lag matrix :math:`d_{ij} = \mathrm{qpos}_i - \mathrm{kpos}_j`.
 
     Positive lag means the key lies in the query's past.  By default the keys sit at
     ``0, ..., S-1`` and the queries at the last ``L`` key positions, so that
@@ -88,8 +89,8 @@ def position_lag(L: int, S: int, *, query_pos=None, key_pos=None) -> np.ndarray:
     if query_pos is None:
         if L > S:
             raise ValueError(
-                f"default query positions are the last L of the S key positions, which needs "
-                f"L <= S (got L={L}, S={S}); pass query_pos explicitly"
+                "default query positions are the last L of the S key positions, "
+                f"which needs L <= S (got L={L}, S={S}); pass query_pos explicitly"
             )
         query_pos = key_pos[S - L :]
     else:
@@ -98,7 +99,7 @@ def position_lag(L: int, S: int, *, query_pos=None, key_pos=None) -> np.ndarray:
 
 
 def mask_log_prior(allowed) -> np.ndarray:
-    r"""Log-prior of a mask: :math:`\log \pi_{ij} = 0` where allowed, :math:`-\infty` elsewhere.
+    r"""Mask log-prior: :math:`\log \pi_{ij} = 0` if allowed, :math:`-\infty` if not.
 
     A mask is the prior that is uniform on the allowed keys and has zero mass on the
     others (book, :eq:`eq-mask-prior`).  ``True`` means *may attend*, as in the boolean
@@ -122,17 +123,19 @@ def mask_log_prior(allowed) -> np.ndarray:
     allowed = np.asarray(allowed)
     if allowed.dtype != bool:
         raise ValueError(
-            f"allowed must be a boolean mask (True = may attend), got dtype {allowed.dtype}"
+            "allowed must be a boolean mask (True = may attend), "
+            f"got dtype {allowed.dtype}"
         )
     return np.where(allowed, 0.0, -np.inf)
 
 
 def uniform_log_prior(L: int, S: int) -> np.ndarray:
-    r"""Uniform log-prior :math:`\log \pi_{ij} = -\log S`, the implicit prior of softmax.
+    r"""Uniform log-prior :math:`\log \pi_{ij} = -\log S`, softmax's implicit prior.
 
-    Book, :eq:`eq-uniform-prior`: the entropy term of softmax attention is a KL divergence
-    to this prior up to the constant :math:`\log S`.  It is the one builder that returns
-    a normalised prior; any constant would do (:eq:`eq-row-shift`).
+    Book, :eq:`eq-uniform-prior`: the entropy term of softmax attention is a KL
+    divergence to this prior up to the constant :math:`\log S`.  It is the one builder
+    that returns a normalised prior; any constant would do (equation
+    :eq:`eq-row-shift`).
 
     Parameters
     ----------
@@ -148,14 +151,14 @@ def uniform_log_prior(L: int, S: int) -> np.ndarray:
 
 
 def causal_log_prior(L: int, S: int, *, query_pos=None, key_pos=None) -> np.ndarray:
-    r"""Causal log-prior: :math:`\log \pi_{ij} = 0` if :math:`d_{ij} \ge 0`, else :math:`-\infty`.
+    r"""Causal log-prior: 0 where :math:`d_{ij} \ge 0`, :math:`-\infty` elsewhere.
 
-    The causal mask as a prior (book, :eq:`eq-causal-prior`): query :math:`i` may attend to
-    key :math:`j` when the key is not in its future, :math:`\text{key\_pos}_j \le
-    \text{query\_pos}_i`.  With the default positions this is the lower-triangular
-    pattern ``tril(ones((L, S)), k=S - L)``.  A query placed before every key gets a row
-    of ``-inf`` (no key at all); :func:`otattn.attention.prior_attention` returns zeros
-    for such a row.
+    The causal mask as a prior (book, :eq:`eq-causal-prior`): query :math:`i` may attend
+    to key :math:`j` when the key is not in its future,
+    :math:`\mathrm{kpos}_j \le \mathrm{qpos}_i`.  With the default positions this is the
+    lower-triangular pattern ``tril(ones((L, S)), k=S - L)``.  A query placed before
+    every key gets a row of ``-inf`` (no key at all);
+    :func:`otattn.attention.prior_attention` returns zeros for such a row.
 
     Parameters
     ----------
@@ -183,14 +186,14 @@ def alibi_log_prior(
     query_pos=None,
     key_pos=None,
 ) -> np.ndarray:
-    r"""ALiBi log-prior: :math:`\log \pi_{ij} = -m\, d_{ij}` on the causal keys (or :math:`-m |d_{ij}|`).
+    r"""ALiBi log-prior :math:`-m\, d_{ij}` on the causal keys (or :math:`-m |d_{ij}|`).
 
-    Causal (default): :math:`-m (\text{query\_pos}_i - \text{key\_pos}_j)` where the key is
+    Causal (default): :math:`-m (\mathrm{qpos}_i - \mathrm{kpos}_j)` where the key is
     not in the future and :math:`-\infty` elsewhere, the linear bias of ALiBi
-    :cite:`press2022alibi` added to the causal mask.  It is the maximum-entropy prior over
-    the visible keys at a fixed mean lag (book, :eq:`eq-alibi-maxent`), and under the mask
-    it equals the key-linear log-prior :math:`m\,\text{key\_pos}_j` up to the row constant
-    :math:`-m\,\text{query\_pos}_i` (:eq:`eq-alibi-key-linear`).
+    :cite:`press2022alibi` added to the causal mask.  It is the maximum-entropy prior
+    over the visible keys at a fixed mean lag (book, :eq:`eq-alibi-maxent`), and under
+    the mask it equals the key-linear log-prior :math:`m\,\mathrm{kpos}_j` up to the
+    row constant :math:`-m\,\mathrm{qpos}_i` (equation :eq:`eq-alibi-key-linear`).
 
     Symmetric (``symmetric=True``): :math:`-m |d_{ij}|` for every key, no mask (the
     bidirectional variant; maximum entropy at a fixed mean *absolute* lag).
@@ -226,19 +229,19 @@ def alibi_log_prior(
         raise ValueError(f"slope must be a finite real number, got {slope!r}")
     lag = position_lag(L, S, query_pos=query_pos, key_pos=key_pos).astype(np.float64)
     if symmetric:
-        return 0.0 - float(slope) * np.abs(
-            lag
-        )  # 0.0 - x: no negative zeros on the diagonal
+        # 0.0 - x, not -x: no negative zeros on the diagonal
+        return 0.0 - float(slope) * np.abs(lag)
     return -float(slope) * lag + mask_log_prior(lag >= 0)
 
 
 def key_log_prior(u, *, L: int | None = None) -> np.ndarray:
-    r"""Key-only log-prior :math:`\log \pi_{ij} = u_j`, the rank-one matrix :math:`\one u^\top`.
+    r"""Key-only log-prior :math:`\log \pi_{ij} = u_j`, rank one: :math:`\one u^\top`.
 
     Every query gets the same prior :math:`\pi_j \propto e^{u_j}` (book,
     :eq:`eq-key-prior`).  It is equivalent to shifting cost column :math:`j` by
     :math:`-\varepsilon u_j`.  Attention sinks live here (a large :math:`u_0`
-    :cite:`xiao2023streaming`), and so do padding masks (:math:`u_j = -\infty` on pad keys).
+    :cite:`xiao2023streaming`), and so do padding masks (:math:`u_j = -\infty` on pad
+    keys).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-r"""The GOAT prior in NumPy (float64): a spectral relative log-prior plus a key-only sink.
+r"""The GOAT prior in NumPy (float64): a spectral relative log-prior plus a sink term.
 
 GOAT :cite:`litman2026priors` replaces the uniform prior of softmax attention by
 
@@ -8,17 +8,19 @@ GOAT :cite:`litman2026priors` replaces the uniform prior of softmax attention by
     \kappa(d) = \sum_{r} \alpha_r \cos(\omega_r d) + \beta_r \sin(\omega_r d),
 
 with fixed geometric frequencies :math:`\omega_r` and learned weights :math:`\alpha`
-(symmetric) and :math:`\beta` (antisymmetric), book :ref:`ch-goat`, :eq:`eq-goat-prior`.
-Because :math:`\cos\omega(i-j)` and :math:`\sin\omega(i-j)` expand into products of a
-function of :math:`i` and a function of :math:`j`, the whole prior is the dot product of
-a few query and key channels (*lanes*), :eq:`eq-lanes`.  This module builds the lanes
-once; the materialised ``(L, S)`` log-prior is their einsum, never a second copy of the
-formula.  On a grid the relative part is a sum over the axes (rows and columns).
+(symmetric) and :math:`\beta` (antisymmetric), book
+:numref:`Chapter %s <ch-goat>`, :eq:`eq-goat-prior`.  Because :math:`\cos\omega(i-j)`
+and :math:`\sin\omega(i-j)` expand into products of a function of :math:`i` and a
+function of :math:`j`, the whole prior is the dot product of :math:`N_\pi = 2R + 1`
+query and key channels (*lanes*), :eq:`eq-lanes`.  This module builds the lanes once;
+the materialised ``(L, S)`` log-prior is their einsum, never a second copy of the
+formula.  On a grid the relative part is a sum over the :math:`A` axes (rows and
+columns), and :math:`N_\pi = 2AR + 1`.
 
 Phases.  The phase :math:`\omega p` of an integer position is computed as an exact sum
-of two floats (Dekker's product) before its cosine is taken, so lanes stay accurate to
-rounding at any position below :math:`2^{53}`, not only near zero (book,
-:ref:`sec-goat-phases`).
+of two floats (Dekker's product :cite:`dekker1971floating`) before its cosine is taken,
+so lanes stay accurate to rounding at any position below :math:`2^{53}`, not only near
+zero (book, :numref:`Section %s <sec-goat-phases>`).
 
 References: :cite:`litman2026priors`, :cite:`su2021roformer`, :cite:`press2022alibi`.
 """
@@ -45,10 +47,10 @@ __all__ = [
     "sink_term",
 ]
 
-# Veltkamp's constant 2**27 + 1 splits a float64 (53 significant bits) into two halves of
-# at most 26 bits each, whose pairwise products are exact (Dekker's two-product).
+# Veltkamp's constant 2**27 + 1 splits a float64 (53 significant bits) into two halves
+# of at most 26 bits each, whose pairwise products are exact (Dekker's two-product).
 _SPLITTER = 2.0**27 + 1.0
-# Positions are converted to float64 for the phase; integers up to 2**53 convert exactly.
+# Positions become float64 for the phase; integers up to 2**53 convert exactly.
 _MAX_POSITION = 2**53
 
 
@@ -56,8 +58,8 @@ _MAX_POSITION = 2**53
 class Lanes:
     r"""Query and key channels whose dot products are a log-prior (or a score).
 
-    ``query`` (L, C) and ``key`` (S, C): :math:`K_{ij} = \langle \text{query}_i,
-    \text{key}_j \rangle`, :eq:`eq-lanes`.
+    ``query`` (L, N) and ``key`` (S, N), with :math:`N = N_\pi` lanes for a prior:
+    :math:`K_{ij} = \langle \text{query}_i, \text{key}_j \rangle`, :eq:`eq-lanes`.
     """
 
     query: np.ndarray
@@ -68,9 +70,9 @@ class Lanes:
 class SinkParams:
     r"""Parameters of the key-only sink term :math:`u(j)`, :eq:`eq-sink-term`.
 
-    ``w_in`` (Hs, F) and ``b_in`` (Hs,): the hidden layer over the F = 2n + 1 features of
-    :func:`sink_features`; ``w_out`` (Hs,): the output weights; ``slope``: the recency
-    slope :math:`m` of the linear term :math:`m\,p_j`.
+    ``w_in`` (Hs, F) and ``b_in`` (Hs,): the hidden layer over the F = 2n + 1 features
+    of :func:`sink_features`; ``w_out`` (Hs,): the output weights; ``slope``: the
+    recency slope :math:`m` of the linear term :math:`m\,p_j`.
     """
 
     w_in: np.ndarray
@@ -95,11 +97,11 @@ class GoatParams:
 
 
 def goat_frequencies(R: int, *, base: float = 10_000.0) -> np.ndarray:
-    r"""Geometric frequencies :math:`\omega_r = \text{base}^{-r/(R-1)}`, :math:`r = 0, \dots, R-1`.
+    r"""Geometric frequencies :math:`\omega_r = \text{base}^{-r/(R-1)}`.
 
-    From 1 radian per position down to ``1/base``, as in sinusoidal encodings and RoPE
-    :cite:`vaswani2017attention,su2021roformer`; :eq:`eq-goat-frequencies`.  ``R = 1``
-    gives the single frequency 1.
+    For :math:`r = 0, \dots, R-1`: from 1 radian per position down to ``1/base``, as in
+    sinusoidal encodings and RoPE :cite:`vaswani2017attention,su2021roformer`;
+    :eq:`eq-goat-frequencies`.  ``R = 1`` gives the single frequency 1.
 
     Returns
     -------
@@ -129,8 +131,9 @@ def _check_omega(omega) -> np.ndarray:
         raise ValueError(f"omega must have shape (R,) with R >= 1, got {omega.shape}")
     if not np.all(np.isfinite(omega) & (omega > 0) & (omega <= np.pi)):
         raise ValueError(
-            "frequencies must lie in (0, pi]: a negative one repeats a positive one with beta negated, "
-            f"and on integer positions one above pi aliases to one below; got {omega}"
+            "frequencies must lie in (0, pi]: a negative one repeats a positive one "
+            "with beta negated, and on integer positions one above pi aliases to one "
+            f"below; got {omega}"
         )
     return omega
 
@@ -144,7 +147,8 @@ def _check_positions(pos, n_axes: int, name: str) -> np.ndarray:
         pos = pos[:, None]
     if pos.ndim != 2 or pos.shape[1] != n_axes:
         raise ValueError(
-            f"{name} must have shape (N,) for sequences or (N, {n_axes}) for a grid, got {pos.shape}"
+            f"{name} must have shape (N,) for sequences or (N, {n_axes}) for a grid, "
+            f"got {pos.shape}"
         )
     if np.any(np.abs(pos) > _MAX_POSITION):
         raise ValueError(
@@ -154,23 +158,24 @@ def _check_positions(pos, n_axes: int, name: str) -> np.ndarray:
 
 
 def _two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(h, l)`` with ``h + l == a * b`` exactly and ``h = fl(a * b)`` (Dekker 1971)."""
-    h = a * b
+    """``(hi, lo)``: ``hi + lo == a * b`` exactly, ``hi = fl(a * b)`` (Dekker, 1971)."""
+    hi = a * b
     ca, cb = _SPLITTER * a, _SPLITTER * b
     a_hi, b_hi = ca - (ca - a), cb - (cb - b)
     a_lo, b_lo = a - a_hi, b - b_hi
-    return h, ((a_hi * b_hi - h) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    return hi, ((a_hi * b_hi - hi) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
 
 
 def phase_lanes(pos, omega) -> np.ndarray:
-    r"""Key lanes of one axis: :math:`[\cos \omega_r p,\ \sin \omega_r p]_{r}`, :eq:`eq-lanes`.
+    r"""Key lanes of one axis: :math:`\cos \omega_r p` and :math:`\sin \omega_r p`.
 
-    The phase :math:`\omega_r p` is formed exactly as ``h + l`` (Dekker's product of two
-    floats); ``cos`` and ``sin`` of the float ``h`` are reduced exactly by the math
-    library, and the angle-addition formulas add the tiny ``l``.  So the result is
-    accurate to a few units of rounding for every integer :math:`|p| \le 2^{53}`,
-    where ``cos(omega * p)`` would carry a phase error of about :math:`|p| \cdot 10^{-16}`
-    (book, :ref:`sec-goat-phases`).
+    The lanes :math:`[\cos \omega_r p,\ \sin \omega_r p]_r` of :eq:`eq-lanes`.  The
+    phase :math:`\omega_r p` is formed exactly as ``hi + lo`` (Dekker's product of two
+    floats :cite:`dekker1971floating`); ``cos`` and ``sin`` of the float ``hi`` are
+    reduced exactly by the math library, and the angle-addition formulas add the tiny
+    ``lo``.  So the result is accurate to a few units of rounding for every integer
+    :math:`|p| \le 2^{53}`, where ``cos(omega * p)`` would carry a phase error of about
+    :math:`|p| \cdot 10^{-16}` (book, :numref:`Section %s <sec-goat-phases>`).
 
     Parameters
     ----------
@@ -185,10 +190,10 @@ def phase_lanes(pos, omega) -> np.ndarray:
     """
     omega = _check_omega(omega)
     pos = _check_positions(pos, 1, "pos")[:, 0].astype(np.float64)
-    h, l = _two_product(pos[:, None], omega[None, :])  # (N, R) each
-    cos_h, sin_h, cos_l, sin_l = np.cos(h), np.sin(h), np.cos(l), np.sin(l)
+    hi, lo = _two_product(pos[:, None], omega[None, :])  # (N, R) each
+    cos_hi, sin_hi, cos_lo, sin_lo = np.cos(hi), np.sin(hi), np.cos(lo), np.sin(lo)
     return np.concatenate(
-        [cos_h * cos_l - sin_h * sin_l, sin_h * cos_l + cos_h * sin_l], axis=1
+        [cos_hi * cos_lo - sin_hi * sin_lo, sin_hi * cos_lo + cos_hi * sin_lo], axis=1
     )
 
 
@@ -199,7 +204,8 @@ def _check_weights(alpha, beta) -> tuple[np.ndarray, np.ndarray]:
     )
     if alpha.shape != beta.shape or alpha.ndim not in (1, 2) or alpha.shape[-1] == 0:
         raise ValueError(
-            f"alpha and beta must share a shape (R,) or (A, R), got {alpha.shape} and {beta.shape}"
+            "alpha and beta must share a shape (R,) or (A, R), "
+            f"got {alpha.shape} and {beta.shape}"
         )
     if not (np.isfinite(alpha).all() and np.isfinite(beta).all()):
         raise ValueError("alpha and beta must be finite")
@@ -212,7 +218,8 @@ def _has_position(flags, n: int, name: str) -> np.ndarray:
     flags = np.asarray(flags)
     if flags.dtype != bool or flags.shape != (n,):
         raise ValueError(
-            f"{name} must be a boolean array of shape ({n},), got {flags.dtype} {flags.shape}"
+            f"{name} must be a boolean array of shape ({n},), "
+            f"got {flags.dtype} {flags.shape}"
         )
     return flags
 
@@ -227,7 +234,7 @@ def relative_lanes(
     query_has_position=None,
     key_has_position=None,
 ) -> Lanes:
-    r"""Lanes of the relative prior: :math:`\kappa(p_i - p_j) = \langle q^{\mathrm{rel}}_i, k^{\mathrm{rel}}_j\rangle`.
+    r"""Lanes of the relative prior :math:`\kappa(p_i - p_j)`.
 
     Per axis :math:`a` and frequency :math:`r`, with :math:`c = \cos\omega_r p`,
     :math:`s = \sin\omega_r p` (from :func:`phase_lanes`), book :eq:`eq-lanes`:
@@ -237,8 +244,15 @@ def relative_lanes(
         k^{\mathrm{rel}}(p) = [c,\ s], \qquad
         q^{\mathrm{rel}}(p) = [\alpha_r c + \beta_r s,\ \alpha_r s - \beta_r c],
 
-    so that :math:`\langle q^{\mathrm{rel}}_i, k^{\mathrm{rel}}_j \rangle =
-    \sum_{a, r} \alpha_{ar} \cos\omega_r(p_{ia} - p_{ja}) + \beta_{ar} \sin\omega_r(p_{ia} - p_{ja})`;
+    so that
+
+    .. math::
+
+        \langle q^{\mathrm{rel}}_i, k^{\mathrm{rel}}_j \rangle
+        &= \sum_{a, r} \alpha_{ar} \cos\omega_r(p_{ia} - p_{ja})
+            + \beta_{ar} \sin\omega_r(p_{ia} - p_{ja}) \\
+        &= \kappa(p_i - p_j);
+
     on a grid the prior is the sum of a row and a column prior, :eq:`eq-goat-2d`.
 
     Parameters
@@ -249,9 +263,9 @@ def relative_lanes(
     key_pos : array_like of int, shape (S,) or (S, A)
     base : float, default 10 000
         Frequencies ``goat_frequencies(R, base=base)``.
-    query_has_position, key_has_position : array_like of bool, shape (L,) and (S,), optional
-        ``False`` marks a token without a position (a class token): its lanes are zero,
-        so its relative prior is zero with every token.
+    query_has_position, key_has_position : array_like of bool, optional
+        Shapes (L,) and (S,).  ``False`` marks a token without a position (a class
+        token): its lanes are zero, so its relative prior is zero with every token.
 
     Returns
     -------
@@ -277,7 +291,7 @@ def relative_lanes(
 
 
 def grid_positions(H: int, W: int) -> np.ndarray:
-    """Positions (row, column) of an ``H x W`` grid in raster order, shape (H*W, 2), int64."""
+    """Positions (row, column) of an ``H x W`` grid in raster order, (H*W, 2) int64."""
     for n, name in ((H, "H"), (W, "W")):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
@@ -288,8 +302,9 @@ def grid_positions(H: int, W: int) -> np.ndarray:
 def sink_features(
     key_pos, *, length: int, n_freq: int, base: float = 10_000.0
 ) -> np.ndarray:
-    r"""Features of a key position for the sink MLP: :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`.
+    r"""Features of a key position for the sink MLP, :math:`\phi(p)`.
 
+    :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]` with
     ``nu = goat_frequencies(n_freq, base=base)``; the last feature is the position
     normalised by the context length, :eq:`eq-sink-term`.
 
@@ -320,7 +335,8 @@ def _sink_forward(sink: SinkParams, key_pos, length: int, base: float):
         or w_out.shape != w_in.shape[:1]
     ):
         raise ValueError(
-            f"sink weights must be w_in (Hs, 2n+1), b_in (Hs,), w_out (Hs,); got {w_in.shape}, {b_in.shape}, {w_out.shape}"
+            "sink weights must be w_in (Hs, 2n+1), b_in (Hs,), w_out (Hs,); "
+            f"got {w_in.shape}, {b_in.shape}, {w_out.shape}"
         )
     features = sink_features(
         key_pos, length=length, n_freq=(w_in.shape[1] - 1) // 2, base=base
@@ -337,11 +353,16 @@ def _sink_forward(sink: SinkParams, key_pos, length: int, base: float):
 def sink_term(
     sink: SinkParams, key_pos, *, length: int, base: float = 10_000.0
 ) -> np.ndarray:
-    r"""Key-only sink term :math:`u(p) = w_{\mathrm{out}}^\top \tanh(W_{\mathrm{in}} \phi(p) + b_{\mathrm{in}}) + m\,p`.
+    r"""Key-only sink term :math:`u(p)`: an MLP of the position plus a recency term.
 
-    A one-hidden-layer MLP over :func:`sink_features` plus the linear recency term
-    :math:`m\,p`, which under the causal mask is ALiBi up to a row constant
-    (:eq:`eq-alibi-key-linear`, :cite:`press2022alibi`); book :eq:`eq-sink-term`.
+    .. math::
+
+        u(p) = w_{\mathrm{out}}^\top \tanh(W_{\mathrm{in}} \phi(p) + b_{\mathrm{in}})
+            + m\,p,
+
+    a one-hidden-layer MLP over :func:`sink_features` plus the linear recency term
+    :math:`m\,p`, which under the causal mask is ALiBi up to a row constant (equation
+    :eq:`eq-alibi-key-linear`, :cite:`press2022alibi`); book :eq:`eq-sink-term`.
 
     Returns
     -------
@@ -355,7 +376,8 @@ def _default_positions(L: int, S: int, query_pos, key_pos):
     if query_pos is None:
         if np.ndim(key_pos) != 1 or L > S:
             raise ValueError(
-                "default query positions are the last L of 1-D key positions (L <= S); pass query_pos"
+                "default query positions are the last L of 1-D key positions "
+                "(L <= S); pass query_pos"
             )
         query_pos = np.asarray(key_pos)[S - L :]
     return query_pos, key_pos
@@ -372,13 +394,19 @@ def goat_lanes(
     query_has_position=None,
     key_has_position=None,
 ) -> Lanes:
-    r"""All 2AR + 1 GOAT lanes: query :math:`[q^{\mathrm{rel}}_i, 1]`, key :math:`[k^{\mathrm{rel}}_j, u_j]`.
+    r"""All :math:`N_\pi = 2AR + 1` GOAT lanes: the relative lanes and the sink lane.
 
-    Book :eq:`eq-lanes`: :math:`K_{ij} = \langle q^{\mathrm{rel}}_i, k^{\mathrm{rel}}_j\rangle + 1 \cdot u_j`.
-    Positions default as in :func:`otattn.priors.position_lag` (keys at ``0..S-1``, queries
-    the last L keys); a grid (2-D ``alpha``) needs explicit positions of shape (N, 2), and
-    its sink term sees the raster index ``arange(S)``.  ``length`` (default ``S``)
-    normalises the sink's position feature.
+    Query lanes :math:`[q^{\mathrm{rel}}_i, 1]` and key lanes
+    :math:`[k^{\mathrm{rel}}_j, u_j]`, so that (book, :eq:`eq-lanes`)
+
+    .. math::
+
+        K_{ij} = \langle q^{\mathrm{rel}}_i, k^{\mathrm{rel}}_j\rangle + 1 \cdot u_j .
+
+    Positions default as in :func:`otattn.priors.position_lag` (keys at ``0..S-1``,
+    queries the last L keys); a grid (2-D ``alpha``) needs explicit positions of shape
+    (N, 2), and its sink term sees the raster index ``arange(S)``.  ``length`` (default
+    ``S``) normalises the sink's position feature.
 
     Returns
     -------
@@ -397,7 +425,8 @@ def goat_lanes(
     )
     if rel.query.shape[0] != L or rel.key.shape[0] != S:
         raise ValueError(
-            f"positions give {rel.query.shape[0]} queries and {rel.key.shape[0]} keys, expected L={L}, S={S}"
+            f"positions give {rel.query.shape[0]} queries and {rel.key.shape[0]} "
+            f"keys, expected L={L}, S={S}"
         )
     u = np.zeros(S)
     if params.sink is not None:
@@ -415,11 +444,12 @@ def goat_lanes(
 
 
 def goat_log_prior(params: GoatParams, L: int, S: int, **positions) -> np.ndarray:
-    r"""GOAT log-prior :math:`K_{ij} = \kappa(p_i - p_j) + u(p_j)`, materialised from the lanes.
+    r"""GOAT log-prior :math:`K_{ij} = \kappa(p_i - p_j) + u(p_j)`, from the lanes.
 
     Exactly ``einsum("ic,jc->ij", lanes.query, lanes.key)`` of :func:`goat_lanes` (same
     keywords), so the matrix used for plots and tests is the lane computation itself;
-    book :eq:`eq-goat-prior`.  No causal mask: add :func:`otattn.priors.causal_log_prior`.
+    book :eq:`eq-goat-prior`.  No causal mask: add
+    :func:`otattn.priors.causal_log_prior`.
 
     Returns
     -------
@@ -430,11 +460,17 @@ def goat_log_prior(params: GoatParams, L: int, S: int, **positions) -> np.ndarra
 
 
 def fused_query_key(q, k, lanes: Lanes) -> Lanes:
-    r"""Queries and keys for a fused kernel of scale 1: :math:`\langle q'_i, k'_j\rangle = s_{ij} + K_{ij}`.
+    r"""Queries and keys for a fused kernel of scale 1: prior and content in one head.
 
-    The last C = 2AR + 1 channels of the head carry the prior and the first
-    :math:`d_c = D - C` the content, :eq:`eq-fused`:
-    :math:`q' = [q_c/\sqrt{d_c},\ q^{\mathrm{lane}}]`, :math:`k' = [k_c,\ k^{\mathrm{lane}}]`.
+    Their dot products are :math:`\langle q'_i, k'_j\rangle = s_{ij} + K_{ij}`.  The
+    last :math:`N_\pi = 2AR + 1` channels of the head carry the prior and the first
+    :math:`d_c = D - N_\pi` the content, :eq:`eq-fused`:
+
+    .. math::
+
+        q' = [q_c/\sqrt{d_c},\ q^{\mathrm{lane}}], \qquad
+        k' = [k_c,\ k^{\mathrm{lane}}].
+
     The prior is not scaled.  Under a kernel's default scale :math:`1/\sqrt{D}`, pass
     ``sqrt(D) * query`` instead.
 
@@ -443,7 +479,8 @@ def fused_query_key(q, k, lanes: Lanes) -> Lanes:
     q : array_like, shape (..., L, D)
     k : array_like, shape (..., S, D)
     lanes : Lanes
-        From :func:`goat_lanes`, ``query`` (L, C) and ``key`` (S, C).
+        From :func:`goat_lanes`, ``query`` (L, :math:`N_\pi`) and ``key``
+        (S, :math:`N_\pi`).
 
     Returns
     -------
@@ -453,26 +490,30 @@ def fused_query_key(q, k, lanes: Lanes) -> Lanes:
     Raises
     ------
     ValueError
-        If the head is too small for the prior (:math:`C \ge D`), or shapes disagree.
+        If the head is too small for the prior (:math:`N_\pi \ge D`), or shapes
+        disagree.
     """
     q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
-    C = lanes.query.shape[1]
+    N_pi = lanes.query.shape[1]
     if q.ndim < 2 or k.ndim < 2 or q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"q and k must have shapes (..., L, D) and (..., S, D), got {q.shape} and {k.shape}"
+            "q and k must have shapes (..., L, D) and (..., S, D), "
+            f"got {q.shape} and {k.shape}"
         )
     D = q.shape[-1]
-    if C >= D:
+    if N_pi >= D:
         raise ValueError(
-            f"rank too large for the head size: {C} prior lanes leave no content channel in D = {D}"
+            f"rank too large for the head size: {N_pi} prior lanes leave no content "
+            f"channel in D = {D}"
         )
     if lanes.query.shape[0] != q.shape[-2] or lanes.key.shape[0] != k.shape[-2]:
         raise ValueError(
-            f"lanes for {lanes.query.shape[0]} queries and {lanes.key.shape[0]} keys do not match q, k"
+            f"lanes for {lanes.query.shape[0]} queries and {lanes.key.shape[0]} keys "
+            "do not match q, k"
         )
-    d_c = D - C
-    q_lane = np.broadcast_to(lanes.query, q.shape[:-1] + (C,))
-    k_lane = np.broadcast_to(lanes.key, k.shape[:-1] + (C,))
+    d_c = D - N_pi
+    q_lane = np.broadcast_to(lanes.query, q.shape[:-1] + (N_pi,))
+    k_lane = np.broadcast_to(lanes.key, k.shape[:-1] + (N_pi,))
     return Lanes(
         query=np.concatenate([q[..., :d_c] / np.sqrt(d_c), q_lane], axis=-1),
         key=np.concatenate([k[..., :d_c], k_lane], axis=-1),

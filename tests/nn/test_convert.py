@@ -1,8 +1,8 @@
-"""``goat_to_otattn``: our layer computes the authors' ``goat.GoatAttention`` function (DESIGN §4).
+"""``goat_to_otattn``: our layer computes the function of the authors' layer.
 
-The peer ``goat-attention`` 0.1.1 is installed by ``make test`` (``--no-deps``); otattn never
-imports it.  Every parameter of theirs is randomised (their α, β, sink output weights and
-bump start at zero, which would hide a wrong mapping), then converted.
+The peer ``goat-attention`` 0.1.1 is installed by ``make test`` (``--no-deps``); otattn
+never imports it.  Every parameter of theirs is randomised (their α, β, sink output
+weights and bump start at zero, which would hide a wrong mapping), then converted.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ E, H, L, B, TRAIN_LEN = (
     32,
 )  # L > TRAIN_LEN: positions beyond the training length
 
-# id -> (constructor, causal).  Head size 16; their R = 0 and M = 0 take our padding path.
+# id -> (constructor, causal).  Head size 16; their R = 0 and M = 0 take our
+# padding path.
 CONFIGS = {
     "gpt-gqa-causal": (
         lambda: goat.GoatAttention.for_gpt(
@@ -77,7 +78,8 @@ CONFIGS = {
 
 
 def _theirs(seed: int, name: str):
-    """Their layer of config ``name`` in eval mode with every parameter random (unit-scale outputs)."""
+    """Their layer of config ``name`` in eval mode with
+    every parameter random (unit-scale outputs)."""
     make, causal = CONFIGS[name]
     torch.manual_seed(seed)
     module = make()
@@ -102,7 +104,9 @@ def _call(module, x, causal, **kwargs):
 
 
 def _exact_features(module):
-    """Replace their float32 positional features by float64 ones of the same formula, in place.
+    """Replace their float32 positional features by float64 ones (same formula).
+
+    In place.
 
     Their relative and absolute Fourier features, the sink's position features and (kept
     in float32 by their ``to``) the sink MLP are the only float32 steps of their float64
@@ -142,7 +146,8 @@ def _exact_features(module):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_converted_layer_equals_theirs_in_float64(name):
-    """Same outputs and input gradients to float64 rounding, once their features are exact."""
+    """Same outputs and input gradients to float64
+    rounding, once their features are exact."""
     module, causal = _theirs(0, name)
     module = module.to(torch.float64)
     ours = goat_to_otattn(module, causal=causal)
@@ -170,7 +175,8 @@ def test_converted_layer_equals_unmodified_peer(name, dtype):
 
 
 def test_key_padding_mask_converts_to_key_mask():
-    """Their ``key_padding_mask`` (True = ignore) is our ``key_mask`` (True = attend) negated."""
+    """Their ``key_padding_mask`` (True = ignore)
+    is our ``key_mask`` (True = attend) negated."""
     module, causal = _theirs(2, "bert-mqa")
     module = module.to(torch.float64)
     ours = goat_to_otattn(module, causal=causal)
@@ -199,6 +205,8 @@ def _small(**options):
         (lambda: _small(add_bias_kv=True), "add_bias_kv"),
         (lambda: _small(kdim=32), "self-attention"),
         (lambda: _small(training_seq_len=None), "training_seq_len=None"),
+        (lambda: _small(dropout=0.1), r"dropout=0.1: .* in train mode"),
+        (lambda: _small(dropout=0.1).eval(), r"dropout=0.1"),
         (lambda: _small().to(torch.bfloat16), "rel_freqs_base are torch.bfloat16"),
     ],
 )

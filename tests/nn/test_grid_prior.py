@@ -1,8 +1,9 @@
 """The 2-D (image grid) GOAT prior in torch against its NumPy twin, book eq-goat-2d.
 
-Lanes and log-prior of ``GoatPrior(..., n_axes=2)`` against ``otattn.spectral`` per head,
-with a class token and a sink; the grid ``GoatAttention`` against the NumPy reference
-``otattn.attention.prior_attention``, in float64 and fused in float32; gradients; errors.
+Lanes and log-prior of ``GoatPrior(..., n_axes=2)`` against ``otattn.spectral`` per
+head, with a class token and a sink; the grid ``GoatAttention`` against the NumPy
+reference ``otattn.attention.prior_attention``, in float64 and fused in float32;
+gradients; errors.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from otattn import attention, priors, spectral  # noqa: E402
 from otattn.nn import GoatAttention, GoatConfig  # noqa: E402
 from otattn.nn.priors import GoatPrior, goat_lanes, log_prior_from_lanes, relative_lanes  # noqa: E402
 
-# Same arithmetic as the NumPy twin in float64 on unit-scale weights, phases from the same
-# exact-product code: rounding ~1e-15 (measured: lanes 2e-16, log-prior 1.3e-15, layer 2e-16).
+# Same arithmetic as the NumPy twin in float64 on unit-scale weights, phases from the
+# same exact-product code: rounding ~1e-15 (measured: lanes 2e-16, log-prior 1.3e-15,
+# layer 2e-16).
 FLOAT64_TOL = 1e-12
-# float32 fused vs float64 (DESIGN §2.8: <= 2e-6 for outputs at any L); measured 2e-7 here.
+# float32 fused vs float64: float32 rounding of unit-scale outputs, measured 2e-7 here
+# (test_grid_layer_is_fused_in_float32_and_matches_float64).
 FLOAT32_TOL = 1e-5
 
 GRID = (3, 4)
@@ -31,7 +34,8 @@ GRID = (3, 4)
 def _grid_tokens(
     H: int, W: int, *, class_token: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Positions (N, 2) of an H x W grid in raster order, after a class token at (0, 0) if asked; its flags."""
+    """Positions (N, 2) of an H x W grid in raster order,
+    after a class token at (0, 0) if asked; its flags."""
     pos = spectral.grid_positions(H, W)
     if not class_token:
         return pos, None
@@ -59,7 +63,8 @@ def _random_prior(
 
 
 def _numpy_params(prior: GoatPrior, h: int) -> spectral.GoatParams:
-    """NumPy parameters of query head h: weights (2, R), the sink of its key/value group (bump folded in below)."""
+    """NumPy parameters of query head h: weights (2, R), the
+    sink of its key/value group (bump folded in below)."""
     g = h // (prior.n_head // prior.n_kv_head)
     sink = spectral.SinkParams(
         w_in=prior.w_in[g].detach().numpy(),
@@ -74,7 +79,8 @@ def _numpy_params(prior: GoatPrior, h: int) -> spectral.GoatParams:
 
 
 def _bump(prior: GoatPrior, h: int, S: int) -> np.ndarray:
-    """The first-key bump of head h's group as a key lane (S,): NumPy has no bump, torch adds it at raster index 0."""
+    """The first-key bump of head h's group as a key lane (S,):
+    NumPy has no bump, torch adds it at raster index 0."""
     g = h // (prior.n_head // prior.n_kv_head)
     return np.where(np.arange(S) == 0, float(prior.bump[g].detach()), 0.0)
 
@@ -86,7 +92,8 @@ def _torch(a):
 @pytest.mark.parametrize("class_token", [True, False])
 @pytest.mark.parametrize("G", [3, 1])
 def test_grid_lanes_equal_numpy_goat_lanes(class_token, G):
-    """eq-goat-2d through eq-lanes: channel for channel, row axis then column axis, sink lane last."""
+    """eq-goat-2d through eq-lanes: channel for channel,
+    row axis then column axis, sink lane last."""
     H, R = 3, 4
     prior = _random_prior(0, H, R, G=G)
     pos, has = _grid_tokens(*GRID, class_token=class_token)
@@ -128,7 +135,8 @@ def test_grid_lanes_equal_numpy_goat_lanes(class_token, G):
 
 @pytest.mark.parametrize("class_token", [True, False])
 def test_grid_log_prior_from_lanes_equals_goat_log_prior(class_token):
-    """eq-goat-2d: K_ij = kappa_row(row_i - row_j) + kappa_col(col_i - col_j) + u(j), per head."""
+    """eq-goat-2d: K_ij = kappa_row(row_i - row_j)
+    + kappa_col(col_i - col_j) + u(j), per head."""
     H, R = 2, 3
     prior = _random_prior(1, H, R, G=1)
     pos, has = _grid_tokens(*GRID, class_token=class_token)
@@ -160,7 +168,8 @@ def test_grid_log_prior_from_lanes_equals_goat_log_prior(class_token):
 
 
 def test_class_token_relative_prior_is_zero():
-    """A token without a position has zero relative lanes: its row and column of K hold only the sink term."""
+    """A token without a position has zero relative lanes:
+    its row and column of K hold only the sink term."""
     prior = _random_prior(2, 2, 3)
     pos, has = _grid_tokens(*GRID, class_token=True)
     pos, has = _torch(pos), _torch(has)
@@ -179,7 +188,8 @@ def test_class_token_relative_prior_is_zero():
 
 
 def test_sequence_class_token_lanes_equal_numpy():
-    """The flags work on sequences too (n_axes = 1): a class token before 6 tokens, as spectral.goat_lanes."""
+    """The flags work on sequences too (n_axes = 1): a
+    class token before 6 tokens, as spectral.goat_lanes."""
     torch.manual_seed(10)
     prior = GoatPrior(2, 3, sink_hidden=3, sink_freq=2, length=16).double()
     with torch.no_grad():
@@ -241,7 +251,8 @@ def _numpy_reference(
     has: np.ndarray | None,
     key_mask=None,
 ):
-    """The layer in NumPy float64: projections, then per head prior_attention with spectral.goat_log_prior."""
+    """The layer in NumPy float64: projections, then per
+    head prior_attention with spectral.goat_log_prior."""
     cfg, prior = layer.config, layer.prior
     B, N, _ = x.shape
     H, G, D, d_c = cfg.n_head, cfg.kv_heads, cfg.dim, layer.d_c
@@ -290,7 +301,8 @@ def _numpy_reference(
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_grid_goat_attention_equals_numpy_prior_attention(masked):
-    """eq-goat-2d and eq-fused: the fused grid layer with a class token is softmax(s + K) v with K from NumPy."""
+    """eq-goat-2d and eq-fused: the fused grid layer with
+    a class token is softmax(s + K) v with K from NumPy."""
     layer = _grid_layer(3)
     pos, has = _grid_tokens(*GRID, class_token=True)
     x = torch.randn(2, len(pos), 48, dtype=torch.float64)
@@ -300,13 +312,14 @@ def test_grid_goat_attention_equals_numpy_prior_attention(masked):
         key_mask[1, 3:7] = False
     got = layer(x, positions=_torch(pos), has_position=_torch(has), key_mask=key_mask)
     want = _numpy_reference(layer, x, pos, has, key_mask)
-    # measured 2e-16 on outputs up to 0.39; a reference that ignored the class token would be off by 0.22,
-    # one with the row and column axes swapped by 0.27
+    # measured 2e-16 on outputs up to 0.39; a reference that ignored the class token
+    # would be off by 0.22, one with the row and column axes swapped by 0.27
     torch.testing.assert_close(got.detach(), want, rtol=0, atol=FLOAT64_TOL)
 
 
 def test_grid_layer_is_fused_in_float32_and_matches_float64():
-    """An 8 x 8 grid plus a class token through the flash kernel only (it raises on any fallback)."""
+    """An 8 x 8 grid plus a class token through the
+    flash kernel only (it raises on any fallback)."""
     layer64 = _grid_layer(4, n_embd=64, rank=3)
     layer32 = copy.deepcopy(layer64).float()
     pos, has = _grid_tokens(8, 8, class_token=True)
@@ -323,7 +336,8 @@ def test_grid_layer_is_fused_in_float32_and_matches_float64():
 
 
 def test_grid_log_prior_gradcheck():
-    """Autograd through the 2-D lanes (alpha, beta of shape (H, 2, R)) equals finite differences."""
+    """Autograd through the 2-D lanes (alpha, beta
+    of shape (H, 2, R)) equals finite differences."""
     torch.manual_seed(5)
     alpha, beta = (
         torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)
@@ -341,7 +355,8 @@ def test_grid_log_prior_gradcheck():
 
 
 def test_uniform_init_grid_layer_ignores_positions():
-    """init='uniform' gives K = 0: the grid layer's output does not depend on where the patches are."""
+    """init='uniform' gives K = 0: the grid layer's
+    output does not depend on where the patches are."""
     torch.manual_seed(6)
     layer = GoatAttention(
         GoatConfig(n_embd=64, n_head=4, rank=2, n_axes=2, causal=False, recency=False)
@@ -442,7 +457,8 @@ def test_bad_grid_input_raises_value_error(call, match):
 
 
 def test_grid_layer_refuses_a_cache():
-    """A cache made for a sequence layer of the same shape is refused by the grid layer too."""
+    """A cache made for a sequence layer of the
+    same shape is refused by the grid layer too."""
     layer = _grid_layer(9)
     sequence_cache = GoatAttention(
         GoatConfig(n_embd=48, n_head=4, n_kv_head=2, rank=2)

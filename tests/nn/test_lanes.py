@@ -1,4 +1,4 @@
-"""The torch GOAT prior (``otattn.nn.priors``) against its NumPy twin ``otattn.spectral``.
+"""The torch GOAT prior (``otattn.nn.priors``) against its NumPy twin, ``spectral``.
 
 Equation labels are those of ``book/04_goat_prior.md``.
 """
@@ -21,11 +21,13 @@ from otattn.nn.priors import (  # noqa: E402
     relative_lanes,
 )
 
-# Same arithmetic as the NumPy twin in float64, different summation order: rounding ~1e-15
-# per unit of magnitude. The log-prior holds a recency term m p of size |m| * |p|, whose
-# float64 rounding is |m p| * 2**-53, so the tolerance is relative to the prior's magnitude.
+# Same arithmetic as the NumPy twin in float64, different summation order: rounding
+# ~1e-15 per unit of magnitude.  The log-prior holds a recency term m p of size
+# |m| * |p|, whose float64 rounding is |m p| * 2**-53, so the tolerance is relative to
+# the prior's magnitude.
 LANE_RTOL = 1e-13
-# Exact-product phases are within a few ulp at any offset below 2**53 (book, sec-goat-phases).
+# Exact-product phases are within a few ulp at any offset below 2**53
+# (book, sec-goat-phases).
 PHASE_TOL = 1e-12
 
 SHAPES = [(5, 9), (7, 7), (1, 4)]
@@ -76,7 +78,8 @@ def test_phase_lanes_equal_numpy_exact_product(offset):
 @pytest.mark.parametrize("G", [3, 1])
 @pytest.mark.parametrize("offset", [0, 10**3])
 def test_log_prior_from_lanes_equals_goat_log_prior(L, S, G, offset):
-    """eq-goat-prior through eq-lanes, per head, with the sink of the head's key/value group."""
+    """eq-goat-prior through eq-lanes, per head,
+    with the sink of the head's key/value group."""
     H, R, length = 3, 4, 16
     prior = _random_prior(0, H, R, G=G, length=length)
     key_pos = offset + np.arange(S)
@@ -114,7 +117,8 @@ def test_lanes_equal_numpy_goat_lanes():
 
 
 def test_lane_gradients_equal_goat_lanes_vjp():
-    """eq-lane-gradients: autograd through the torch lanes equals the NumPy vector-Jacobian product."""
+    """eq-lane-gradients: autograd through the torch
+    lanes equals the NumPy vector-Jacobian product."""
     L, S, R = 3, 5, 4
     prior = _random_prior(2, 1, R)
     lanes = prior.lanes(torch.arange(S - L, S), torch.arange(S))
@@ -166,7 +170,8 @@ def test_log_prior_gradcheck():
 
 
 def test_key_origin_shifts_the_log_prior_by_a_constant():
-    """eq-row-shift: measuring the recency term from p0 subtracts m p0 from every entry."""
+    """eq-row-shift: measuring the recency term
+    from p0 subtracts m p0 from every entry."""
     prior = _random_prior(4, 2, 3)
     qp, kp = torch.arange(1000, 1004), torch.arange(990, 1004)
     shifted = prior.log_prior(qp, kp, key_origin=1003) - prior.log_prior(qp, kp)
@@ -181,7 +186,8 @@ def test_uniform_init_is_the_zero_log_prior():
 
 
 def test_alibi_init_is_alibi_up_to_row_constants():
-    """eq-alibi-key-linear: m p_j equals -m (p_i - p_j) up to a row constant on the causal keys."""
+    """eq-alibi-key-linear: m p_j equals -m (p_i - p_j) up to a row constant
+    on the causal keys."""
     H, L = 4, 6
     prior = GoatPrior(H, 2, recency=True, init="alibi").double()
     K = prior.log_prior(torch.arange(L), torch.arange(L)).detach().numpy()
@@ -222,6 +228,10 @@ def test_low_precision_parameters_still_give_float32_lanes():
         (lambda: GoatPrior(4, 3, n_kv_head=3), "multiple of n_kv_head"),
         (lambda: GoatPrior(2, 0), "rank must be a positive integer"),
         (lambda: GoatPrior(2, 3, init="rope"), "init must be"),
+        (lambda: GoatPrior(2, 3, recency="no"), "recency must be True or False"),
+        (lambda: GoatPrior(2, 3.0), r"rank must be a positive integer, got 3.0"),
+        (lambda: GoatPrior(2, 3, sink_hidden=2.0), "sink_hidden must be a non-neg"),
+        (lambda: GoatPrior(2, 3, sink_bump=1), "sink_bump must be True or False"),
         (
             lambda: relative_lanes(
                 torch.zeros(2, 3), torch.zeros(2, 4), torch.arange(2), torch.arange(2)

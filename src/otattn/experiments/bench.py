@@ -1,38 +1,43 @@
-r"""Speed and peak memory of attention with a GOAT prior, against the ways one could build it.
+r"""Speed and peak memory of attention with a GOAT prior, against other ways to get it.
 
 Every attention method below computes causal attention with the same GOAT log-prior
 :math:`K_{ij} = \kappa_h(i - j) + u_g(j)` (book, :ref:`ch-speed`), except the floor
 ``sdpa`` (no prior) and the two layers (their own parameters):
 
 - ``sdpa``: ``F.scaled_dot_product_attention`` with no prior, head size D: the floor.
-- ``goat``: :func:`otattn.nn.functional.goat_attention`, the prior in :math:`2R + 1` lanes
-  taken from the head; the lanes are rebuilt by :class:`otattn.nn.priors.GoatPrior` inside
-  the timed step (their gradient reaches the prior's parameters).
-- ``sdpa_mask``: SDPA given the materialised ``(1, H, L, L)`` log-prior (built from the same
-  lanes, so it requires grad) plus the causal ``-inf`` as ``attn_mask``: the
+- ``goat``: :func:`otattn.nn.functional.goat_attention`, the prior in
+  :math:`N_\pi = 2R + 1` lanes taken from the head; the lanes are rebuilt by
+  :class:`otattn.nn.priors.GoatPrior` inside the timed step (their gradient reaches the
+  prior's parameters).
+- ``sdpa_mask``: SDPA given the materialised ``(1, H, L, L)`` log-prior (built from the
+  same lanes, so it requires grad) plus the causal ``-inf`` as ``attn_mask``: the
   learnable-mask baseline; SDPA leaves its fused kernel for the math path.
 - ``eager``: explicit scores, log-prior, causal fill, ``softmax`` and a matmul.
 - ``flex``: FlexAttention with a ``score_mod`` reading :math:`O(L)` tables of
-  :math:`\kappa_h` and :math:`u_g` and a causal block mask (built outside the timed step);
-  compiled once per shape (``dynamic=False``).  No backward on CPU in torch 2.13.
-- ``otattn_layer``: the layer :class:`otattn.nn.GoatAttention` (projections, prior, fused
-  SDPA), set to the authors' sink variant (SiLU MLP of width 4, log-position feature, bump).
+  :math:`\kappa_h` and :math:`u_g` and a causal block mask (built outside the timed
+  step); compiled once per shape (``dynamic=False``).  No backward on CPU in torch 2.13.
+- ``otattn_layer``: the layer :class:`otattn.nn.goat.GoatAttention` (projections, prior,
+  fused SDPA), set to the authors' sink variant (SiLU MLP of width 4, log-position
+  feature, bump).
 - ``goat_pkg_layer``: the authors' ``goat.GoatAttention`` (``goat-attention`` 0.1.1) at
   the same width, heads, rank, sink frequencies and training length, called with
   ``need_weights=False, is_causal=True`` (``need_weights=True``, its default, builds the
-  ``L x L`` weights).  Its query projection is ``E -> H D`` where ours is ``E -> H d_c``.
+  ``L x L`` weights).  Its query projection is ``E -> H D`` where ours is
+  ``E -> H d_c``.
 
 Times are medians over repeats after one warm-up call per method; within a repeat the
 methods run one after the other in an order rotated from repeat to repeat, and the ratio
-to ``sdpa`` is the median of the per-repeat ratios.  ``fwd`` runs under ``torch.no_grad()``;
-``fwd_bwd`` is one forward and one backward with a fixed output gradient.
+to ``sdpa`` is the median of the per-repeat ratios.  ``fwd`` runs under
+``torch.no_grad()``; ``fwd_bwd`` is one forward and one backward with a fixed output
+gradient.
 
 Peak memory.  On CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated
 before the step.  On CPU: each (method, L) runs in a fresh Python process with a fixed
-glibc mmap threshold (so freed large blocks go back to the OS); after a warm-up step, the
-kernel's resident-set high-water mark is reset (``/proc/self/clear_refs``), one step runs,
-and the peak is ``VmHWM`` minus the resident set just before the step: the extra resident
-memory the step needed, inputs and parameters excluded, allocator overhead included.
+glibc mmap threshold (so freed large blocks go back to the OS); after a warm-up step,
+the kernel's resident-set high-water mark is reset (``/proc/self/clear_refs``), one step
+runs, and the peak is ``VmHWM`` minus the resident set just before the step: the extra
+resident memory the step needed, inputs and parameters excluded, allocator overhead
+included.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import datetime
 import gc
 import json
 import math
+import numbers
 import os
 import platform
 import statistics
@@ -54,6 +60,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from otattn.nn._checks import check_int
 from otattn.nn.functional import goat_attention
 from otattn.nn.goat import GoatAttention, GoatConfig
 from otattn.nn.priors import GoatPrior, log_prior_from_lanes, relative_lanes
@@ -96,17 +103,22 @@ COLUMNS = (
     "peak_mem_mib",
     "note",
 )
-# The materialised methods keep about this many (B, H, L, L) tensors alive at their peak in
-# fwd_bwd (log-prior, masked log-prior, weights, and a gradient); used only to skip a case.
+# The materialised methods keep about this many (B, H, L, L) tensors alive at their peak
+# in fwd_bwd (log-prior, masked log-prior, weights, and a gradient); used only to skip a
+# case.
 _LXL_COPIES = 4
 _MIB = 2**20
-# Length at which run_benchmark first checks that the prior methods compute one function.
+# Length at which run_benchmark first checks that the prior methods compute one
+# function.
 _AGREEMENT_L = 128
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Shapes of the benchmark: batch B, heads H of size D, prior rank R (C = 2R + 1 lanes)."""
+    """Shapes of the benchmark: batch B, heads H of size D, prior rank R.
+
+    The ``goat`` method's prior takes :math:`N_\\pi = 2R + 1` lanes of the head.
+    """
 
     batch: int = 1
     n_head: int = 8
@@ -128,7 +140,7 @@ class BenchConfig:
 
 @dataclass
 class Case:
-    """One method at one length: ``run()`` is the forward; ``leaves`` get their grads cleared."""
+    """One method at one length: ``run()`` is the forward; ``leaves`` have grads."""
 
     run: Callable[[], torch.Tensor]
     leaves: list
@@ -171,7 +183,7 @@ def _materialised_log_prior(prior: GoatPrior, L: int, device) -> torch.Tensor:
 
 
 def make_case(method: str, L: int, cfg: BenchConfig, *, seed: int = 0) -> Case:
-    """Build the inputs of ``method`` at length ``L``; ``Case.run`` is what gets timed."""
+    """Build the inputs of ``method`` at length ``L``; ``Case.run`` is what is timed."""
     dev, dtype = cfg.device, cfg.torch_dtype
     pos = torch.arange(L, device=dev)
     if method == "sdpa":
@@ -260,9 +272,8 @@ def _flex_case(
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev = cfg.device
-    if (
-        dev == "cpu"
-    ):  # FlexAttention refuses inputs that require grad on CPU (it has no backward there)
+    # FlexAttention refuses inputs that require grad on CPU (it has no backward there)
+    if dev == "cpu":
         q, k, v = (t.detach() for t in (q, k, v))
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = create_block_mask(
@@ -302,7 +313,10 @@ def skip_reason(
     if method in ("sdpa_mask", "eager"):
         need = _LXL_COPIES * cfg.batch * cfg.n_head * L * L * cfg.torch_dtype.itemsize
         if need > max_bytes:
-            return f"needs ~{need / 2**30:.0f} GiB ({_LXL_COPIES} (B,H,L,L) tensors) > limit {max_bytes / 2**30:.0f} GiB"
+            return (
+                f"needs ~{need / 2**30:.0f} GiB ({_LXL_COPIES} (B,H,L,L) tensors) "
+                f"> limit {max_bytes / 2**30:.0f} GiB"
+            )
     if method == "goat_pkg_layer":
         try:
             import goat  # noqa: F401
@@ -344,7 +358,10 @@ def _step(case: Case, mode: str) -> None:
 def check_agreement(
     L: int = 128, cfg: BenchConfig | None = None, *, with_flex: bool = False
 ) -> dict[str, float]:
-    """Largest |difference| of each prior method's output from ``eager``, same seed: they compute one function."""
+    """Largest difference of each prior method's output from ``eager``, same seed.
+
+    They compute one function: the differences are rounding.
+    """
     cfg = cfg or BenchConfig()
     methods = ["goat", "sdpa_mask"] + (["flex"] if with_flex else [])
     with torch.no_grad():
@@ -431,7 +448,10 @@ def _read_status(field: str) -> int:
 def _measure_memory_here(
     method: str, L: int, cfg: BenchConfig
 ) -> dict[str, float | None]:
-    """Peak extra memory (bytes) of one step per mode, in this process (see the module docstring)."""
+    """Peak extra memory (bytes) of one step per mode, in this process.
+
+    See the module docstring.
+    """
     case = make_case(method, L, cfg)
     peaks: dict[str, float | None] = {}
     for mode in MODES:
@@ -463,7 +483,7 @@ def _measure_memory_here(
 
 
 def _memory_worker() -> None:
-    """Entry of the fresh process: ``python -c ... <json>``; prints the peaks as JSON."""
+    """Entry of the fresh process ``python -c ... <json>``: prints the peaks as JSON."""
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])
     print(
@@ -476,14 +496,18 @@ def _memory_worker() -> None:
 def measure_memory(
     method: str, L: int, cfg: BenchConfig, *, timeout: float = 600.0
 ) -> dict[str, float | None]:
-    """Peak extra memory of ``method`` at ``L`` per mode, in bytes; a fresh process on CPU."""
+    """Peak extra memory of ``method`` at ``L`` per mode, in bytes.
+
+    On CPU each call measures in a fresh process (see the module docstring).
+    """
     if cfg.device.startswith("cuda"):
         return _measure_memory_here(method, L, cfg)
     payload = json.dumps(
         dict(method=method, L=L, cfg=cfg.__dict__, threads=torch.get_num_threads())
     )
-    # A fixed mmap threshold stops glibc from raising it as blocks are freed, so every large
-    # tensor is its own mapping, returned to the OS when freed, and RSS follows the tensors.
+    # A fixed mmap threshold stops glibc from raising it as blocks are freed, so every
+    # large tensor is its own mapping, returned to the OS when freed, and RSS follows
+    # the tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     code = "from otattn.experiments.bench import _memory_worker; _memory_worker()"
     proc = subprocess.run(
@@ -524,7 +548,10 @@ def machine_description(cfg: BenchConfig) -> dict[str, str]:
         platform=platform.platform(),
         device=cfg.device,
         dtype=cfg.dtype,
-        shapes=f"B={cfg.batch} H={cfg.n_head} D={cfg.head_dim} R={cfg.rank} (C={2 * cfg.rank + 1} lanes, d_c={cfg.d_c}), causal",
+        shapes=(
+            f"B={cfg.batch} H={cfg.n_head} D={cfg.head_dim} R={cfg.rank} "
+            f"(N_pi={2 * cfg.rank + 1} lanes, d_c={cfg.d_c}), causal"
+        ),
         load_average_start=" ".join(f"{x:.2f}" for x in os.getloadavg()),
     )
     if cfg.device.startswith("cuda"):
@@ -542,7 +569,17 @@ def run_benchmark(
     max_bytes: float = 12 * 2**30,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict[str, str]]:
-    """Time (and measure the memory of) every method at every length; return rows and the machine description."""
+    """Time (and measure the memory of) every method at every length.
+
+    Returns the rows and the machine description.  ``lengths`` must be positive
+    integers and ``repeats`` a positive integer; otherwise ``ValueError``.
+    """
+    if any(
+        isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 1
+        for L in lengths
+    ):
+        raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
+    repeats = check_int(repeats, "repeats")
     cfg = cfg or BenchConfig()
     meta = machine_description(cfg)
     t_start = time.perf_counter()
@@ -604,13 +641,14 @@ def run_benchmark(
     meta["memory"] = (
         "torch.cuda.max_memory_allocated above the allocation before the step"
         if cfg.device.startswith("cuda")
-        else "VmHWM minus VmRSS around one step, fresh process per (method, L), MALLOC_MMAP_THRESHOLD_=131072"
+        else "VmHWM minus VmRSS around one step, fresh process per (method, L), "
+        "MALLOC_MMAP_THRESHOLD_=131072"
     )
     return rows, meta
 
 
 def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
-    """CSV with the machine description as ``# key: value`` lines, and a ``.json`` sidecar of it."""
+    """CSV with the machine description as ``# key: value`` lines, and a .json of it."""
     path = os.fspath(path)
     with open(path, "w", newline="") as f:
         for key, value in meta.items():
@@ -634,7 +672,7 @@ def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
 
 
 def read_csv(path) -> list[dict]:
-    """Rows of a CSV written by :func:`write_csv` (comment lines skipped, numbers parsed)."""
+    """Rows of a CSV from :func:`write_csv`: comment lines skipped, numbers parsed."""
     with open(path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     for row in rows:

@@ -1,7 +1,8 @@
-r"""Accuracy of GOAT attention in float32, bfloat16 and float16, against float64 (``python -m otattn precision``).
+r"""Accuracy of GOAT attention in float32, bfloat16 and float16, against float64.
 
-Every error here is measured against a float64 computation of the *same* function on the
-*same* numbers (book, :ref:`ch-precision`):
+The harness behind ``python -m otattn precision``.  Every error here is measured against
+a float64 computation of the *same* function on the *same* numbers (book,
+:ref:`ch-precision`):
 
 - Inputs (content queries, keys, values, the output gradient) are drawn in float64 and
   rounded once to the dtype under test; the float64 reference uses the rounded values.
@@ -14,19 +15,21 @@ Every error here is measured against a float64 computation of the *same* functio
   channel (the previous design); ``goat_split`` also splits every relative key lane in
   two (``rel_parts = 2``, 2R more channels).  All use the same D, so their content size
   is D minus their prior channels.
-- The prior ``setting``: ``spectral`` (relative weights :math:`\alpha, \beta \sim
-  \mathcal N(0, 0.5^2)`, a sink MLP, no recency), ``recency`` (the same plus ALiBi's slopes
-  :math:`2^{-8h/H}`), ``large`` (weights :math:`\mathcal N(0, 1)`, sink and ALiBi slopes):
-  magnitudes a trained layer may reach.
+- The prior ``setting``: ``spectral`` (relative weights
+  :math:`\alpha, \beta \sim \mathcal N(0, 0.5^2)`, a sink MLP, no recency), ``recency``
+  (the same plus ALiBi's slopes :math:`2^{-8h/H}`), ``large`` (weights
+  :math:`\mathcal N(0, 1)`, sink and ALiBi slopes): magnitudes a trained layer may
+  reach.
 
 The kernel runs causal self-attention at absolute positions ``offset + 0 .. L-1``, with
-recency measured from the last query (as :class:`otattn.nn.GoatAttention` does).  Errors:
-``out_err`` = max |out - ref|, ``out_rel`` = that over max |ref|, ``grad_rel`` = the largest
-over q, k, v of max |grad - grad_ref| / max |grad_ref|.
+recency measured from the last query (as :class:`otattn.nn.goat.GoatAttention` does).
+Errors: ``out_err`` = ``max |out - ref|``, ``out_rel`` = that over ``max |ref|``,
+``grad_rel`` = the largest over q, k, v of ``max |grad - grad_ref| / max |grad_ref|``.
 
 :func:`layer_errors` compares whole layers: ours against the authors' package
-(``goat-attention`` 0.1.1, loaded into ours with :func:`otattn.nn.convert.goat_to_otattn`)
-in a low precision against each one's own float64 copy.
+(``goat-attention`` 0.1.1, loaded into ours with
+:func:`otattn.nn.convert.goat_to_otattn`) in a low precision, each against its own
+float64 copy.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from otattn.nn._checks import check_int
 from otattn.nn.functional import goat_attention
 from otattn.nn.priors import GoatPrior, alibi_slopes
 
@@ -82,7 +86,8 @@ _PARTS = {"goat": (3, 1), "goat_1part": (1, 1), "goat_split": (3, 2)}
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Shapes: batch B, heads H of size D, prior rank R, sink MLP width and frequencies."""
+    """Shapes: batch B, heads H of size D, prior rank R, the sink MLP's width and
+    frequencies, and the training length that normalises the sink's position feature."""
 
     batch: int = 1
     n_head: int = 4
@@ -101,7 +106,7 @@ def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def make_prior(
     setting: str, cfg: PrecisionConfig, dtype: torch.dtype, *, seed: int = 0
 ) -> GoatPrior:
-    """A float64 prior of the given ``setting`` whose parameters are exact in ``dtype``."""
+    """A float64 prior of the given ``setting``, its parameters exact in ``dtype``."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     torch.manual_seed(seed)
@@ -131,7 +136,7 @@ def _draw(shape, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
 
 
 def _blocks(L: int, block: int) -> list[tuple[int, int]]:
-    """Query rows measured: all of them up to 2 blocks, else a block at the start, the middle and the end."""
+    """Query rows measured: all up to 2 blocks, else blocks at start, middle and end."""
     if L <= 2 * block:
         return [(0, L)]
     mid = (L - block) // 2
@@ -139,7 +144,10 @@ def _blocks(L: int, block: int) -> list[tuple[int, int]]:
 
 
 def _run(method: str, q, k, v, prior, query_pos, key_pos, origin):
-    """Causal attention of a block of queries (the last rows of ``q``'s sequence so far) on all earlier keys."""
+    """Causal attention of a block of queries on all earlier keys.
+
+    The queries ``q`` are the last rows of the sequence so far.
+    """
     if method == "sdpa":
         L, S = q.shape[-2], k.shape[-2]
         mask = torch.ones(L, S, dtype=torch.bool).tril(diagonal=S - L)
@@ -164,18 +172,21 @@ def kernel_error(
     seed: int = 0,
     block: int = 256,
 ) -> dict[str, float]:
-    r"""Errors of one kernel in ``dtype`` against float64 on the same rounded inputs (see the module docstring).
+    r"""Errors of one kernel in ``dtype`` against float64 on the same rounded inputs.
 
-    Causal self-attention over ``L`` tokens at positions ``offset + 0 .. L-1``, recency origin
-    at the last one.  Above ``2 * block`` tokens only three blocks of ``block`` query rows
-    are computed (the first, a middle and the last; each sees all its earlier keys, so its
-    rows are exactly those of the full forward): the cost falls from :math:`L^2` to
-    :math:`3 \cdot \text{block} \cdot L` while the far-from-origin queries stay in.
+    See the module docstring.  Causal self-attention over ``L`` tokens at positions
+    ``offset + 0 .. L-1``, recency origin at the last one.  Above ``2 * block`` tokens
+    only three blocks of ``block`` query rows are computed (the first, a middle and the
+    last; each sees all its earlier keys, so its rows are exactly those of the full
+    forward): the cost falls from :math:`L^2` to :math:`3 \cdot \text{block} \cdot L`
+    while the far-from-origin queries stay in.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    L, block = check_int(L, "L"), check_int(block, "block")
+    offset = check_int(offset, "offset", minimum=None)
     cfg = cfg or PrecisionConfig()
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +195,8 @@ def kernel_error(
     d_qk = D
     if method != "sdpa":
         prior64 = make_prior(setting, cfg, dt, seed=seed)
-        # The low-precision model's prior: parameters in the model dtype, lanes formed in float32.
+        # The low-precision model's prior: parameters in the model dtype, lanes formed
+        # in float32.
         prior_lo = copy.deepcopy(prior64).to(dt)
         d_qk = D - (2 * cfg.rank * _PARTS[method][1] + _PARTS[method][0])
     q, k = _draw((B, H, L, d_qk), dt, g), _draw((B, H, L, d_qk), dt, g)
@@ -235,7 +247,10 @@ def run_grid(
     block: int = 256,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Every (dtype, L, offset): ``sdpa`` once, and each GOAT method per setting; ratios to ``sdpa`` of the same case."""
+    """Every (dtype, L, offset): ``sdpa`` once, and each GOAT method per setting.
+
+    Each row's ``ratio_to_sdpa`` is its error over that of ``sdpa`` in the same case.
+    """
     rows = []
     for dtype in dtypes:
         for L in lengths:
@@ -290,8 +305,8 @@ def run_grid(
                     if r["method"] == "goat"
                 )
                 log(
-                    f"  {dtype:8s} L={L:6d} offset={offset:>7d}: sdpa {floor['out_err']:.2e}, "
-                    f"goat / sdpa worst {worst:.2f}"
+                    f"  {dtype:8s} L={L:6d} offset={offset:>7d}: "
+                    f"sdpa {floor['out_err']:.2e}, goat / sdpa worst {worst:.2f}"
                 )
     return rows
 
@@ -306,13 +321,20 @@ def layer_errors(
     rank: int = 8,
     recency: bool = True,
 ) -> dict[str, float]:
-    """Max |out - float64| of the authors' layer and of ours holding the same weights, both in ``dtype``.
+    r"""Largest error of the authors' layer and of ours with the same weights.
 
-    The authors' module is built in float32 with trained-looking prior weights (relative
-    weights and sink output :math:`\\mathcal N(0, 0.5^2)`, recency slopes ALiBi's when
-    ``recency``), converted with :func:`otattn.nn.convert.goat_to_otattn`, and each layer is
-    compared with its own copy in float64 (ours) or float32 (theirs, which cannot run in
-    float64) on one input.  Theirs is called with ``is_causal=True, need_weights=False``.
+    Both layers run in ``dtype``.  The authors' module is built in float32 with
+    trained-looking prior weights (relative weights and sink output
+    :math:`\mathcal N(0, 0.5^2)`, recency slopes ALiBi's when ``recency``), converted
+    with :func:`otattn.nn.convert.goat_to_otattn`, and each layer is compared on one
+    input with its own copy cast by ``.to(torch.float64)``.  Theirs is called with
+    ``is_causal=True, need_weights=False``.  Returns ``max |out - float64|`` per layer
+    (``goat_pkg``, ``otattn``) and the largest reference output (``*_size``).  Their
+    float64 copy still forms its positional features and runs its sink MLP in float32
+    (their ``to`` keeps the MLP in float32; ``.double()``, which bypasses it, fails on
+    the dtype mismatch), so its reference carries float32 rounding of the prior:
+    measured with these weights at L = 512 and 2048, it differs from their float32
+    layer by at most 1.7e-5, far below the bfloat16 errors.
     """
     import goat  # the authors' package: a peer, imported only here
 
@@ -333,7 +355,8 @@ def layer_errors(
         theirs.lambda_sym.normal_(0.0, 0.5)
         theirs.lambda_asym.normal_(0.0, 0.5)
         theirs.key_bias.fc2.weight.normal_(0.0, 0.5)
-        # softplus(raw) * goat_prior_scale is their slope: ALiBi's, or ~1e-35 (none) when not recency
+        # softplus(raw) * goat_prior_scale is their slope: ALiBi's, or ~1e-35 (none)
+        # when not recency
         target = alibi_slopes(theirs.kv_num_heads) / theirs.goat_prior_scale.detach()
         theirs.recency_slope_raw.copy_(
             torch.log(torch.expm1(target))
@@ -346,18 +369,15 @@ def layer_errors(
     )
     out = {}
     with torch.no_grad():
-        # Theirs cannot run in float64 (its sink MLP is pinned to float32 and fed float32
-        # features), so its reference is its float32 copy: exact to ~1e-6, far below bf16 errors.
-        for name, layer, ref_dtype, call in (
+        for name, layer, call in (
             (
                 "goat_pkg",
                 theirs,
-                torch.float32,
                 lambda m, z: m(z, z, z, need_weights=False, is_causal=True)[0],
             ),
-            ("otattn", ours, torch.float64, lambda m, z: m(z)),
+            ("otattn", ours, lambda m, z: m(z)),
         ):
-            ref = call(copy.deepcopy(layer).to(ref_dtype), x.to(ref_dtype)).double()
+            ref = call(copy.deepcopy(layer).to(torch.float64), x.double())
             got = call(copy.deepcopy(layer).to(dt), x).double()
             out[name] = (got - ref).abs().max().item()
             out[name + "_size"] = ref.abs().max().item()
@@ -373,13 +393,15 @@ def decode_error(
     seed: int = 0,
     sink_parts: int = 3,
 ) -> dict[str, float]:
-    r"""KV-cache decoding deep into a sequence: max |out - float64| of the prompt and of the decoded tokens.
+    r"""KV-cache decoding deep into a sequence: the errors of prompt and decoded steps.
 
-    Our layer (:class:`otattn.nn.GoatAttention`, width 256, 4 heads, rank 8, a sink and
-    ALiBi-seeded recency, relative weights :math:`\mathcal N(0, 0.5^2)`) reads a prompt of
-    ``prompt`` tokens at positions ``offset ..`` in ``dtype`` and then decodes ``steps``
-    tokens one at a time from its cache; the reference is the float64 layer's full causal
-    forward over all the tokens.
+    Our layer (:class:`~otattn.nn.goat.GoatAttention`, width 256, 4 heads, rank 8, a
+    sink and ALiBi-seeded recency, relative weights :math:`\mathcal N(0, 0.5^2)`) reads
+    a prompt of ``prompt`` tokens at positions ``offset ..`` in ``dtype`` and then
+    decodes ``steps`` tokens one at a time from its cache; the reference is the float64
+    layer's full causal forward over all the tokens.  Returns ``max |out - float64|``
+    over the prompt (``prompt_err``) and over the decoded tokens (``decode_err``), and
+    the largest reference output (``size``).
     """
     from otattn.nn.goat import GoatAttention, GoatConfig
 
@@ -420,7 +442,7 @@ def decode_error(
 
 
 def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
-    """CSV with ``# key: value`` header lines (the command and the machine) and one row per case."""
+    """CSV: ``# key: value`` lines (command and machine), then one row per case."""
     with open(os.fspath(path), "w", newline="") as f:
         for key, value in meta.items():
             f.write(f"# {key}: {value}\n")
@@ -447,7 +469,10 @@ def read_csv(path) -> list[dict]:
 
 
 def worst_ratio(rows: list[dict], method: str = "goat") -> float:
-    """The largest ``ratio_to_sdpa`` of ``method`` over low-precision rows (the 2x bound of the book)."""
+    """The largest ``ratio_to_sdpa`` of ``method`` over the low-precision rows.
+
+    The book's bound is 2 (book, :ref:`ch-precision`).
+    """
     ratios = [
         r["ratio_to_sdpa"]
         for r in rows

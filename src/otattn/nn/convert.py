@@ -1,8 +1,9 @@
-r"""Load a layer of the authors' package ``goat-attention`` into :class:`otattn.nn.GoatAttention`.
+r"""Load a layer of the authors' package ``goat-attention`` into our ``GoatAttention``.
 
-The authors' ``goat.GoatAttention`` :cite:`litman2026priors` and our layer compute the same
-attention, :eq:`eq-goat-prior` through the lanes of :eq:`eq-fused`, with these differences
-of parameterisation, all resolved by :func:`goat_to_otattn`:
+The authors' ``goat.GoatAttention`` :cite:`litman2026priors` and our
+:class:`otattn.nn.goat.GoatAttention` compute the same attention, :eq:`eq-goat-prior`
+through the lanes of :eq:`eq-fused`, with these differences of parameterisation, all
+resolved by :func:`goat_to_otattn`:
 
 - *Projections.*  Theirs project queries and keys to full heads of size D and use only
   the first :math:`d_c` channels of each (the rest are overwritten by the lanes); ours
@@ -29,9 +30,14 @@ of parameterisation, all resolved by :func:`goat_to_otattn`:
   extra value channels have zero projection rows and zero output columns, so the
   function is unchanged (and the content size :math:`d_c` is theirs).  Their sink with
   ``abs_rank = 0`` is given one frequency with zero weights in the same way.
+- *Dropout.*  Theirs may drop attention weights in train mode; ours has no dropout
+  (``dropout_p > 0`` sends SDPA to its math path).  A module with ``dropout > 0`` is
+  refused rather than converted into a layer that trains differently.
 
-Their features are computed in float32 whatever the model's dtype (and their sink MLP
-is kept in float32); ours come from float64 phases.  So the two layers agree to float32
+Their features are computed in float32 whatever the model's dtype, and their ``to``
+keeps their sink MLP in float32 (so their layer runs after ``.to(torch.float64)``, with
+float32 features; ``.double()`` bypasses their ``to`` and their forward then fails on
+mixed dtypes).  Ours come from float64 phases.  So the two layers agree to float32
 rounding of the prior, not to float64 rounding, even in a float64 model.
 
 References: :cite:`litman2026priors`.
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from otattn import spectral
+from otattn.nn._checks import check_bool
 from otattn.nn.goat import GoatAttention, GoatConfig
 
 __all__ = ["goat_to_otattn"]
@@ -72,6 +79,7 @@ _REQUIRED = (
     "pos_encoding",
     "add_bias_kv",
     "add_zero_attn",
+    "dropout",
     "in_proj",
     "q_proj",
     "k_proj",
@@ -81,8 +89,8 @@ _REQUIRED = (
 
 # Their frequency buffers are float32: a base recovered from them is the true one to
 # float32 rounding (relative 2**-24 ~ 6e-8), so a base within this relative distance of
-# an integer is taken to be that integer, and a buffer is accepted as geometric with this
-# base when it agrees with ours to within this relative error.
+# an integer is taken to be that integer, and a buffer is accepted as geometric with
+# this base when it agrees with ours to within this relative error.
 _FREQ_RTOL = 1e-6
 
 # Their lambdas are clamped to this range before use (goat-attention 0.1.1).
@@ -93,46 +101,61 @@ def _check_module(module) -> None:
     missing = [name for name in _REQUIRED if not hasattr(module, name)]
     if not isinstance(module, nn.Module) or missing:
         raise ValueError(
-            f"expected a goat.GoatAttention (goat-attention 0.1.1), got {type(module).__name__}"
+            "expected a goat.GoatAttention (goat-attention 0.1.1), "
+            f"got {type(module).__name__}"
             + (f" without the attributes {missing}" if missing else "")
         )
     if module.prior_gate != "none":
         raise ValueError(
-            f"prior_gate={module.prior_gate!r} scales the prior by the query norm, which lanes of positions cannot express"
+            f"prior_gate={module.prior_gate!r} scales the prior by the query norm, "
+            "which lanes of positions cannot express"
         )
     if module.pos_encoding != "1d":
         raise ValueError(
-            f"pos_encoding={module.pos_encoding!r} is not supported: only 1-D sequences ('1d') convert"
+            f"pos_encoding={module.pos_encoding!r} is not supported: only 1-D "
+            "sequences ('1d') convert"
         )
     if module.add_bias_kv or module.add_zero_attn:
         raise ValueError(
-            "add_bias_kv and add_zero_attn append keys without a position, which our layer has no place for"
+            "add_bias_kv and add_zero_attn append keys without a position, which our "
+            "layer has no place for"
+        )
+    if module.dropout != 0:
+        raise ValueError(
+            f"dropout={module.dropout}: their layer drops attention weights in train "
+            "mode and ours has no dropout (it would send SDPA to its math path), so "
+            "the converted layer would compute another function when training; set "
+            "module.dropout = 0.0 first (the eval-mode function does not change)"
         )
     if module.kdim != module.embed_dim or module.vdim != module.embed_dim:
         raise ValueError(
-            f"kdim={module.kdim} and vdim={module.vdim} must equal embed_dim={module.embed_dim}: our layer is self-attention"
+            f"kdim={module.kdim} and vdim={module.vdim} must equal "
+            f"embed_dim={module.embed_dim}: our layer is self-attention"
         )
     if module.enable_key_bias:
         if module.training_seq_len is None:
             raise ValueError(
-                "training_seq_len=None normalises the sink's position features by the current length, "
-                "which changes with every input; set training_seq_len to a fixed length"
+                "training_seq_len=None normalises the sink's position features by the "
+                "current length, which changes with every input; set training_seq_len "
+                "to a fixed length"
             )
         if not isinstance(module.key_bias.act, nn.SiLU):
             raise ValueError(
-                f"the sink MLP's activation must be SiLU, got {type(module.key_bias.act).__name__}"
+                "the sink MLP's activation must be SiLU, "
+                f"got {type(module.key_bias.act).__name__}"
             )
 
 
 def _base(freqs: Tensor, name: str) -> float:
-    """The base of geometric frequencies ``base**(-r/(n-1))`` held in float32 ``freqs`` (n,)."""
+    """The base of the geometric frequencies ``base**(-r/(n-1))`` in ``freqs`` (n,)."""
     n = freqs.numel()
     if n <= 1:  # one frequency (or none) is 1 whatever the base
         return 10_000.0
     if freqs.dtype not in (torch.float32, torch.float64):
         raise ValueError(
-            f"{name} are {freqs.dtype}: casting their module rounded its frequencies (a phase error of "
-            "~position * 2**-9 in bfloat16); convert the float32 module, then cast our layer"
+            f"{name} are {freqs.dtype}: casting their module rounded its frequencies "
+            "(a phase error of ~position * 2**-9 in bfloat16); convert the float32 "
+            "module, then cast our layer"
         )
     omega = freqs.detach().double().cpu().numpy()
     base = 1.0 / omega[-1]
@@ -145,7 +168,8 @@ def _base(freqs: Tensor, name: str) -> float:
         )
     ):
         raise ValueError(
-            f"{name} are not the geometric frequencies base**(-r/(n-1)) with a base above 1"
+            f"{name} are not the geometric frequencies base**(-r/(n-1)) with a base "
+            "above 1"
         )
     return base
 
@@ -163,7 +187,10 @@ def _head_rows(
 
 
 def _projections(module) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Their query, key and value (weight, bias) pairs, from the fused ``in_proj`` or the three projections."""
+    """Their query, key and value (weight, bias) pairs.
+
+    From the fused ``in_proj``, or from the three projections.
+    """
     E, kvE = module.embed_dim, module.kv_num_heads * module.head_dim
     if module.in_proj is not None:
         w = module.in_proj.weight.split([E, kvE, kvE])
@@ -180,26 +207,28 @@ def _projections(module) -> dict[str, tuple[Tensor, Tensor | None]]:
 
 
 def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
-    r"""Our :class:`~otattn.nn.GoatAttention` computing the same function as a ``goat.GoatAttention``.
+    r"""Our :class:`~otattn.nn.goat.GoatAttention` computing the authors' layer.
 
     For input ``x`` (B, L, E) at positions ``0..L-1``, ``layer(x)`` equals
-    ``module(x, x, x, is_causal=causal, need_weights=False)[0]`` (with ``batch_first=True``;
-    otherwise transpose) to float32 rounding of their prior (see the module docstring),
-    in the module's eval mode (our layer has no dropout).  The log-prior
+    ``module(x, x, x, is_causal=causal, need_weights=False)[0]`` (with
+    ``batch_first=True``; otherwise transpose) to float32 rounding of their prior (see
+    the module docstring), in train and eval mode alike: neither layer has dropout (a
+    module with ``dropout > 0`` is refused).  The log-prior
     :math:`K_{ij} = \kappa(i-j) + u(j)` (:eq:`eq-goat-prior`) is rewritten in our
     parameters: the content projections keep the channels the authors' layer uses, the
-    relative weights are repeated from key/value heads to query heads, and the shared sink
-    MLP's gain, bump, recency slope and prior scale are folded into per-head weights.
-    The package is not imported: any module with the attributes of ``goat.GoatAttention``
-    (goat-attention 0.1.1) converts.
+    relative weights are repeated from key/value heads to query heads, and the shared
+    sink MLP's gain, bump, recency slope and prior scale are folded into per-head
+    weights.  The package is not imported: any module with the attributes of
+    ``goat.GoatAttention`` (goat-attention 0.1.1) converts.
 
     Parameters
     ----------
     module : goat.GoatAttention
         The authors' layer, any dtype and device.
     causal : bool
-        Whether the layer is used with ``is_causal=True``.  Their recency term exists only
-        then, so it decides both our causal mask and whether we keep a recency slope.
+        Whether the layer is used with ``is_causal=True``.  Their recency term exists
+        only then, so it decides both our causal mask and whether we keep a recency
+        slope.
 
     Returns
     -------
@@ -210,15 +239,15 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
     Raises
     ------
     ValueError
-        If ``module`` is not a ``goat.GoatAttention``, or uses an option our layer cannot
-        express: ``prior_gate="query_norm"``, ``pos_encoding`` other than ``"1d"``,
-        ``add_bias_kv``, ``add_zero_attn``, ``kdim``/``vdim`` other than ``embed_dim``
-        (cross-attention), a sink with ``training_seq_len=None`` or another activation, or
-        frequency buffers that are not geometric or not float32/float64 (their ``to`` casts
-        them: convert in float32, then cast our layer).
+        If ``module`` is not a ``goat.GoatAttention``, or uses an option our layer
+        cannot express: ``dropout > 0``, ``prior_gate="query_norm"``, ``pos_encoding``
+        other than ``"1d"``, ``add_bias_kv``, ``add_zero_attn``, ``kdim``/``vdim`` other
+        than ``embed_dim`` (cross-attention), a sink with ``training_seq_len=None`` or
+        another activation, or frequency buffers that are not geometric or not
+        float32/float64 (their ``to`` casts them: convert in float32, then cast our
+        layer).
     """
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be True or False, got {causal!r}")
+    causal = check_bool(causal, "causal")
     _check_module(module)
     H, G, D, d_c = (
         module.num_heads,
@@ -228,9 +257,8 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
     )
     R, M, sink = module.R, module.M, bool(module.enable_key_bias)
     rank = max(R, 1)
-    pad = (
-        2 * rank + GoatConfig.sink_parts
-    ) - module.pos_dim  # channels our head has and theirs has not, >= 0
+    # channels our head has and theirs has not, >= 0
+    pad = 2 * rank + GoatConfig.sink_parts - module.pos_dim
     proj = _projections(module)
     weight = proj["q"][0]
     has_bias = module.out_proj.bias is not None
@@ -286,9 +314,8 @@ def goat_to_otattn(module: nn.Module, *, causal: bool) -> GoatAttention:
         if sink:
             scale = module.goat_prior_scale.detach().double()
             fc1, fc2 = module.key_bias.fc1, module.key_bias.fc2
-            w_in = (
-                fc1.weight
-            )  # (Hs, 2M + 2): [cos (M), sin (M), p/length, log-position]
+            # (Hs, 2M + 2): [cos (M), sin (M), p/length, log-position]
+            w_in = fc1.weight
             if M == 0:  # one frequency of zero weight stands for none
                 w_in = torch.cat([w_in.new_zeros(w_in.shape[0], 2), w_in], dim=1)
             prior.w_in.copy_(w_in.expand(G, *w_in.shape))

@@ -1,19 +1,21 @@
 r"""GOAT attention through PyTorch's fused ``scaled_dot_product_attention`` (SDPA).
 
-The prior rides in :math:`C = 2R + 1` channels taken from the head (book,
-:ref:`sec-goat-fused`, :eq:`eq-fused`): with head size :math:`D = d_c + C`,
+The prior rides in :math:`N_\pi = 2R + 1` channels (lanes) taken from the head (book,
+:ref:`sec-goat-fused`, :eq:`eq-fused`): with head size :math:`D = d_c + N_\pi`,
 
 .. math::
 
-    q' = [q_c/\sqrt{d_c},\ q^{\mathrm{lane}}], \quad k' = [k_c,\ k^{\mathrm{lane}}], \quad
+    q' = [q_c/\sqrt{d_c},\ q^{\mathrm{lane}}], \quad
+    k' = [k_c,\ k^{\mathrm{lane}}], \quad
     \langle q'_i, k'_j\rangle = s_{ij} + K_{ij},
 
-and SDPA is called with ``scale=1.0`` on 4-D ``(B, H, L, D)`` inputs whose values have the
-same head size ``D``.  So the fused (flash) kernel runs and no ``L x S`` tensor is built.
-:func:`goat_attention` uses the equivalent layout :math:`q' = [q_c,\ \sqrt{d_c}\,
-q^{\mathrm{lane}}]` with ``scale`` :math:`= 1/\sqrt{d_c}`, which saves one rounding in
-bfloat16, and carries lanes in several exact channels where low precision needs it
-(:func:`split_lane`; book, :ref:`ch-precision`).
+and SDPA is called with ``scale=1.0`` on 4-D ``(B, H, L, D)`` inputs whose values have
+the same head size ``D``.  So the fused (flash) kernel runs and no ``L x S`` tensor is
+built.  :func:`goat_attention` uses the equivalent layout
+:math:`q' = [q_c,\ \sqrt{d_c}\, q^{\mathrm{lane}}]` with ``scale``
+:math:`= 1/\sqrt{d_c}`, which saves one rounding in bfloat16, and carries lanes in
+several exact channels where low precision needs it (:func:`split_lane`; book,
+:ref:`ch-precision`).
 
 Which SDPA path each case takes (measured with torch 2.13 on CPU under
 ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``, which raises on any fallback; see
@@ -23,15 +25,15 @@ Which SDPA path each case takes (measured with torch 2.13 on CPU under
 - causal, ``L == S``: ``is_causal=True``; fused.
 - causal, ``L == 1`` (one-token decoding): the query is the last position and sees every
   key, so no mask at all; fused.
-- causal, ``1 < L < S`` (a block of queries after a KV cache): SDPA's ``is_causal`` aligns
-  the diagonal top-left, which is wrong here, so we pass an explicit boolean ``(L, S)``
-  mask (the only path that builds an ``L x S`` tensor, of booleans).  On CPU the flash
-  kernel accepts a boolean mask that does not require grad and stays fused; on CUDA the
-  flash backend takes no mask and SDPA picks the memory-efficient kernel.
+- causal, ``1 < L < S`` (a block of queries after a KV cache): SDPA's ``is_causal``
+  aligns the diagonal top-left, which is wrong here, so we pass an explicit boolean
+  ``(L, S)`` mask (the only path that builds an ``L x S`` tensor, of booleans).  On CPU
+  the flash kernel accepts a boolean mask that does not require grad and stays fused; on
+  CUDA the flash backend takes no mask and SDPA picks the memory-efficient kernel.
 - key mask ``(B, S)``: not an SDPA mask at all.  A mask is a prior with zero mass on the
-  masked keys (:eq:`eq-mask-prior`), and a key-only one (:eq:`eq-key-prior`): it is added
-  to the key's sink lane, whose query partner is the constant 1, so every case above
-  keeps its path.  Rows left with no visible key return zero (:eq:`eq-empty-row`).
+  masked keys (:eq:`eq-mask-prior`), and a key-only one (:eq:`eq-key-prior`): it is
+  added to the key's sink lane, whose query partner is the constant 1, so every case
+  above keeps its path.  Rows left with no visible key return zero (:eq:`eq-empty-row`).
 
 Causal alignment: query ``i`` of ``L`` is key ``S - L + i`` (the queries are the last L
 keys, as the default positions of :func:`otattn.priors.position_lag`).  Positions enter
@@ -50,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from otattn.nn._checks import check_bool, check_int
 from otattn.nn.priors import Lanes
 
 __all__ = [
@@ -61,15 +64,16 @@ __all__ = [
     "split_lane",
 ]
 
-# Log-prior given to a masked key in its sink lane.  It must make exp(logit) vanish next to
-# the row's largest logit: float32 underflows below e**-104 and float64 below e**-745, and
-# |content score + prior| stays far below 1e4 for any sane model.  It must also stay finite
-# (an -inf lane would give 0 * inf = NaN in the backward pass) and fit float16 (max 65504).
+# Log-prior given to a masked key in its sink lane.  It must make exp(logit) vanish next
+# to the row's largest logit: float32 underflows below e**-104 and float64 below
+# e**-745, and |content score + prior| stays far below 1e4 for any sane model.  It must
+# also stay finite (an -inf lane would give 0 * inf = NaN in the backward pass) and fit
+# float16 (max 65504).
 _MASKED_LOG_PRIOR = -1.0e4
 
 
 def split_lane(values: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
-    r"""Split a lane into ``parts`` channels, each exact in ``dtype``, whose sum is the lane.
+    r"""Split a lane into ``parts`` channels, each exact in ``dtype``, that sum to it.
 
     Part 1 is ``values`` rounded to ``dtype``; part :math:`k + 1` is what parts
     :math:`1..k` missed, rounded again.  The remainders are formed in float64, where the
@@ -94,8 +98,7 @@ def split_lane(values: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
     Tensor of ``dtype``, shape (..., parts)
         Largest part first.
     """
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"parts must be a positive integer, got {parts!r}")
+    parts = check_int(parts, "parts")
     rest, out = values.to(torch.float64), []
     for _ in range(parts):
         out.append(rest.to(dtype))
@@ -104,11 +107,12 @@ def split_lane(values: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
 
 
 def sink_channels(u: Tensor, dtype: torch.dtype, parts: int) -> Tensor:
-    """The sink lane ``u`` (..., S) as ``parts`` key channels (..., S, parts) of ``dtype``, by :func:`split_lane`.
+    """The sink lane ``u`` (..., S) as ``parts`` key channels (..., S, parts).
 
-    The lane is first clamped at half the dtype's largest negative number, so that every
-    part stays finite, with a masked key's -1e4 added too.  That changes nothing in float32
-    or bfloat16 (about -1.7e38); in float16 it is -32752, and keys below it all get that
+    The channels are of ``dtype``, made by :func:`split_lane`.  The lane is first
+    clamped at half the dtype's largest negative number, so that every part stays
+    finite, with a masked key's -1e4 added too.  That changes nothing in float32 or
+    bfloat16 (about -1.7e38); in float16 it is -32752, and keys below it all get that
     log-prior: a lane that long does not fit float16 at all.
     """
     return split_lane(u.clamp(min=-torch.finfo(dtype).max / 2), dtype, parts)
@@ -131,26 +135,29 @@ def fused_query_key(
     rel_parts: int = 1,
     scale_in_kernel: bool = False,
 ) -> Lanes:
-    r"""Queries and keys for a kernel of scale 1: :math:`q' = [q_c/\sqrt{d_c}, q^{\mathrm{lane}}]`, :math:`k' = [k_c, k^{\mathrm{lane}}]`.
+    r"""Fused queries and keys :math:`q', k'` for a kernel of scale 1 (:eq:`eq-fused`).
 
-    :eq:`eq-fused`.  Torch twin of :func:`otattn.spectral.fused_query_key`, which slices
-    the content from a full head: ``fused_query_key(q[..., :d_c], k[..., :d_c], lanes)``
-    here equals ``fused_query_key(q, k, lanes)`` there.  The lanes are cast to the dtype
-    of ``q`` only here (bfloat16 models get bfloat16 lanes: SDPA needs one dtype).
+    :math:`q' = [q_c/\sqrt{d_c}, q^{\mathrm{lane}}]`,
+    :math:`k' = [k_c, k^{\mathrm{lane}}]`.  Torch twin of
+    :func:`otattn.spectral.fused_query_key`, which slices the content from a full head:
+    ``fused_query_key(q[..., :d_c], k[..., :d_c], lanes)`` here equals
+    ``fused_query_key(q, k, lanes)`` there.  The lanes are cast to the dtype of ``q``
+    only here (bfloat16 models get bfloat16 lanes: SDPA needs one dtype).
 
     Low precision (book, :ref:`sec-torch-precision`).  With ``sink_parts = n > 1`` the
-    last lane, the sink lane of :func:`goat_lanes` (query channel 1, key channel
-    :math:`u(j)`), is carried by n channels: the key's by :func:`split_lane` (n parts,
-    each exact in the dtype of ``k``), the query's channel repeated n times.  With
-    ``rel_parts = m > 1`` every other key lane is split into m parts the same way, the
-    query's relative lanes repeated m times.  The dot products are unchanged in exact
-    arithmetic; a split lane keeps about 8n significant bits in bfloat16 instead of 8
-    (float16: see :func:`sink_channels`).  With ``scale_in_kernel=True`` the content is
-    left unscaled and the lanes carry the factor instead (query relative lanes times
-    :math:`\sqrt{d_c}`, formed before the cast; sink lane times :math:`\sqrt{d_c}`, formed
-    in float64 before the split), for a kernel of scale :math:`1/\sqrt{d_c}` (as
-    :func:`goat_attention` calls it): the same scores, without the rounding of
-    :math:`q_c/\sqrt{d_c}` to a low-precision dtype, which plain SDPA does not pay either.
+    last lane, the sink lane of :func:`~otattn.nn.priors.goat_lanes` (query channel 1,
+    key channel :math:`u(j)`), is carried by n channels: the key's by :func:`split_lane`
+    (n parts, each exact in the dtype of ``k``), the query's channel repeated n times.
+    With ``rel_parts = m > 1`` every other key lane is split into m parts the same way,
+    the query's relative lanes repeated m times.  The dot products are unchanged in
+    exact arithmetic; a split lane keeps about 8n significant bits in bfloat16 instead
+    of 8 (float16: see :func:`sink_channels`).  With ``scale_in_kernel=True`` the
+    content is left unscaled and the lanes carry the factor instead (query relative
+    lanes times :math:`\sqrt{d_c}`, formed before the cast; sink lane times
+    :math:`\sqrt{d_c}`, formed in float64 before the split), for a kernel of scale
+    :math:`1/\sqrt{d_c}` (as :func:`goat_attention` calls it): the same scores, without
+    the rounding of :math:`q_c/\sqrt{d_c}` to a low-precision dtype, which plain SDPA
+    does not pay either.
 
     Parameters
     ----------
@@ -159,8 +166,9 @@ def fused_query_key(
     k : Tensor, shape (B, G, S, d_c)
         Content keys; G divides H (grouped-query attention when G < H).
     lanes : Lanes
-        ``query`` (H, L, C) and ``key`` (G or 1, S, C), e.g. from
-        :meth:`otattn.nn.priors.GoatPrior.lanes`.
+        ``query`` (H, L, N_pi) and ``key`` (G or 1, S, N_pi), e.g. from
+        :meth:`otattn.nn.priors.GoatPrior.lanes`; :math:`N_\pi` lanes, the last the
+        sink lane.
     sink_parts, rel_parts : int, default 1
         Channels that carry the last (sink) lane, and each of the others.
     scale_in_kernel : bool, default False
@@ -169,8 +177,9 @@ def fused_query_key(
     Returns
     -------
     Lanes
-        ``query`` (B, H, L, d_c + C') and ``key`` (B, G, S, d_c + C') in the dtype of ``q``,
-        with :math:`C' = (C - 1)\,\text{rel\_parts} + \text{sink\_parts}`.
+        ``query`` (B, H, L, d_c + D_pi) and ``key`` (B, G, S, d_c + D_pi) in the dtype
+        of ``q``, with :math:`D_\pi = (N_\pi - 1)\,\text{rel\_parts} +
+        \text{sink\_parts}` prior channels.
     """
     _check_4d(q, "q", "(B, H, L, d_c)")
     _check_4d(k, "k", "(B, G, S, d_c)")
@@ -179,28 +188,28 @@ def fused_query_key(
     (B, H, L, d_c), (Bk, G, S, d_k) = q.shape, k.shape
     if Bk != B or d_k != d_c or H % G:
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B and d_c, and G must divide H"
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B and d_c, "
+            "and G must divide H"
         )
-    C = lanes.query.shape[-1]
+    N = lanes.query.shape[-1]  # N_pi lanes
     if (
-        lanes.query.shape != (H, L, C)
+        lanes.query.shape != (H, L, N)
         or lanes.key.ndim != 3
         or lanes.key.shape[0] not in (1, G)
-        or lanes.key.shape[1:] != (S, C)
+        or lanes.key.shape[1:] != (S, N)
     ):
         raise ValueError(
-            f"lanes of shapes {tuple(lanes.query.shape)} and {tuple(lanes.key.shape)} do not fit "
-            f"q {tuple(q.shape)} and k {tuple(k.shape)}: expected ({H}, {L}, C) and ({G} or 1, {S}, C)"
+            f"lanes of shapes {tuple(lanes.query.shape)} and "
+            f"{tuple(lanes.key.shape)} do not fit q {tuple(q.shape)} and k "
+            f"{tuple(k.shape)}: expected ({H}, {L}, N) and ({G} or 1, {S}, N)"
         )
-    for n, name in ((sink_parts, "sink_parts"), (rel_parts, "rel_parts")):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    sink_parts = check_int(sink_parts, "sink_parts")
+    rel_parts = check_int(rel_parts, "rel_parts")
     dtype, root = k.dtype, math.sqrt(d_c)
     q_rel, k_rel = lanes.query[..., :-1], lanes.key[..., :-1]
     q_rel = (q_rel * root if scale_in_kernel else q_rel).to(dtype)
-    if (
-        rel_parts > 1
-    ):  # key parts lane-major within each part: [all highs, all lows, ...]
+    if rel_parts > 1:
+        # key parts lane-major within each part: [all highs, all lows, ...]
         k_rel = split_lane(k_rel, dtype, rel_parts).transpose(-1, -2).flatten(-2)
         q_rel = q_rel.repeat(1, 1, rel_parts)
     q_sink = lanes.query[..., -1:].to(dtype).expand(H, L, sink_parts)
@@ -244,12 +253,17 @@ def lane_attention(
     is_causal: bool = False,
     key_mask: Tensor | None = None,
 ) -> Tensor:
-    r"""SDPA on fused queries and keys: :math:`o_i = \sum_j \operatorname{softmax}_j(\text{scale}\,\langle q'_i, k'_j\rangle) v_j`.
+    r"""SDPA on fused queries and keys.
+
+    .. math::
+
+        o_i = \sum_j \operatorname{softmax}_j(\text{scale}\,\langle q'_i, k'_j\rangle)\,
+        v_j.
 
     The kernel call of :func:`goat_attention`, for callers that hold fused keys already
     (a KV cache).  The last channel of ``q`` must be the constant 1 of the sink lane, as
-    :func:`fused_query_key` builds it: ``key_mask`` is added to the last channel of ``k``.
-    See the module docstring for the SDPA path of each case.
+    :func:`fused_query_key` builds it: ``key_mask`` is added to the last channel of
+    ``k``.  See the module docstring for the SDPA path of each case.
 
     Parameters
     ----------
@@ -262,7 +276,8 @@ def lane_attention(
     is_causal : bool, default False
         Query i sees keys ``j <= S - L + i``; needs ``L <= S``.
     key_mask : Tensor of bool, shape (B, S), optional
-        ``True`` where the key may be attended (as :func:`otattn.priors.mask_log_prior`).
+        ``True`` where the key may be attended (as
+        :func:`otattn.priors.mask_log_prior`).
 
     Returns
     -------
@@ -278,9 +293,11 @@ def lane_attention(
         )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share B and the head size D "
-            "(a different value size would leave the fused kernel), and k, v their shape"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share "
+            "B and the head size D (a different value size would leave the fused "
+            "kernel), and k, v their shape"
         )
+    is_causal = check_bool(is_causal, "is_causal")
     (B, H, L, _), (_, G, S, _) = q.shape, k.shape
     if H % G:
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
@@ -296,9 +313,11 @@ def lane_attention(
                 else type(key_mask).__name__
             )
             raise ValueError(
-                f"key_mask must be a boolean tensor of shape (B, S) = ({B}, {S}), got {got}"
+                "key_mask must be a boolean tensor of shape (B, S) = "
+                f"({B}, {S}), got {got}"
             )
-        # -1e4 after the kernel's scale, or the most float16 can hold (then still below -1e3 for d_c < 250)
+        # -1e4 after the kernel's scale, or the most float16 can hold (then still below
+        # -1e3 for d_c < 250)
         masked = -min(-_MASKED_LOG_PRIOR / scale, torch.finfo(k.dtype).max / 4)
         floor = torch.where(key_mask, 0.0, masked).to(k.dtype)[
             :, None, :, None
@@ -308,7 +327,8 @@ def lane_attention(
     if is_causal:
         if L > S:
             raise ValueError(
-                f"causal attention needs L <= S (the queries are the last L keys), got L={L}, S={S}"
+                "causal attention needs L <= S (the queries are the last L keys), "
+                f"got L={L}, S={S}"
             )
         if L == S:
             causal_flag = True
@@ -326,7 +346,7 @@ def lane_attention(
         enable_gqa=G != H,
     )
     if key_mask is not None:
-        # Row i sees keys up to last[i]; it is empty if the first allowed key lies beyond.
+        # Row i sees keys up to last[i]; it is empty if the first allowed key is later.
         last = (
             torch.arange(S - L, S, device=q.device)
             if is_causal
@@ -351,10 +371,14 @@ def goat_attention(
     sink_parts: int = 1,
     rel_parts: int = 1,
 ) -> Tensor:
-    r"""GOAT attention :math:`o_i = \sum_j \operatorname{softmax}_j(s_{ij} + K_{ij})\, v_j`, fused.
+    r"""GOAT attention through the fused kernel.
 
-    :math:`s_{ij} = \langle q_{c,i}, k_{c,j}\rangle/\sqrt{d_c}` and :math:`K` the log-prior
-    of the lanes (:eq:`eq-goat-prior`, :eq:`eq-fused`).  Equals
+    .. math::
+
+        o_i = \sum_j \operatorname{softmax}_j(s_{ij} + K_{ij})\, v_j,
+
+    :math:`s_{ij} = \langle q_{c,i}, k_{c,j}\rangle/\sqrt{d_c}` and :math:`K` the
+    log-prior of the lanes (:eq:`eq-goat-prior`, :eq:`eq-fused`).  Equals
     :func:`prior_attention` ``(q, k, v, log_prior=log_prior_from_lanes(lanes) + mask)``
     and its NumPy twin :func:`otattn.attention.prior_attention`, without building the
     ``(L, S)`` log-prior.
@@ -366,7 +390,8 @@ def goat_attention(
     k : Tensor, shape (B, G, S, d_c)
         Content keys, G dividing H.
     v : Tensor, shape (B, G, S, D)
-        Values, with ``D = d_c + C'`` (:func:`fused_query_key`) so that the kernel sees one head size.
+        Values, with :math:`D = d_c + D_\pi` (:func:`fused_query_key`) so that the
+        kernel sees one head size.
     lanes : Lanes
         ``query`` (H, L, C), ``key`` (G or 1, S, C).
     is_causal : bool, default False
@@ -374,9 +399,9 @@ def goat_attention(
     key_mask : Tensor of bool, shape (B, S), optional
         ``True`` where the key may be attended.
     sink_parts, rel_parts : int, default 1
-        Channels that carry the sink lane and each relative lane (:func:`fused_query_key`);
-        ``sink_parts=3`` keeps the sink lane to about float32 precision in bfloat16, which
-        a recency term needs.
+        Channels that carry the sink lane and each relative lane
+        (:func:`fused_query_key`); ``sink_parts=3`` keeps the sink lane to about float32
+        precision in bfloat16, which a recency term needs.
 
     Returns
     -------
@@ -387,10 +412,10 @@ def goat_attention(
         q, k, lanes, sink_parts=sink_parts, rel_parts=rel_parts, scale_in_kernel=True
     )
     if v.shape[-1] != fused.query.shape[-1]:
-        C = fused.query.shape[-1] - q.shape[-1]
+        d_c, D_pi = q.shape[-1], fused.query.shape[-1] - q.shape[-1]
         raise ValueError(
-            f"the value head size must be d_c + C' = {q.shape[-1]} + {C} = {q.shape[-1] + C} so that SDPA stays fused, "
-            f"got {v.shape[-1]}"
+            f"the value head size must be d_c + D_pi = {d_c} + {D_pi} = {d_c + D_pi} "
+            f"so that SDPA stays fused, got {v.shape[-1]}"
         )
     return lane_attention(
         fused.query,
@@ -410,12 +435,16 @@ def prior_attention(
     log_prior: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    r"""Explicit attention with a prior: :math:`o_i = \sum_j \operatorname{softmax}(s_i + \log\pi_i)_j\, v_j`.
+    r"""Attention with a prior on the explicit math path.
+
+    .. math::
+
+        o_i = \sum_j \operatorname{softmax}(s_i + \log\pi_i)_j\, v_j.
 
     Torch twin of :func:`otattn.attention.prior_attention` (with ``eps = 1``), the math
-    path that materialises the ``(..., L, S)`` scores on purpose: the reference the fused
-    path is tested against.  A row whose log-prior is ``-inf`` everywhere returns zero
-    (:eq:`eq-empty-row`).
+    path that materialises the ``(..., L, S)`` scores on purpose: the reference the
+    fused path is tested against.  A row whose log-prior is ``-inf`` everywhere returns
+    zero (:eq:`eq-empty-row`).
 
     Parameters
     ----------
@@ -433,7 +462,8 @@ def prior_attention(
     """
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit (..., L, D), (..., S, D), (..., S, Dv)"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+            "(..., L, D), (..., S, D), (..., S, Dv)"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = scale * torch.einsum("...id,...jd->...ij", q, k)

@@ -4,23 +4,24 @@ The torch twin of :mod:`otattn.gating` (and of :func:`otattn.attention.sink_atte
 batched over ``(B, H, L, D)``.  Gated attention at position G1 of :cite:`qiu2025gated`
 (book, :ref:`ch-gated`, :eq:`eq-gated`) runs
 ``torch.nn.functional.scaled_dot_product_attention`` (SDPA) and multiplies its per-head
-output by :math:`\sigma(X W_g)` *after* the kernel and *before* the output projection, so
-the fused kernel is untouched.
+output by :math:`\sigma(X W_g)` *after* the kernel and *before* the output projection,
+so the fused kernel is untouched.
 
 A learned sink logit (book, :ref:`ch-sinks`, :eq:`eq-sink-gate`) returns
-:math:`o_i = \sigma(\ell_i - b_i)\, O_i`.  The log-sum-exp :math:`\ell_i` is a row
+:math:`o_i = \sigma(\ell_i - \zeta_i)\, O_i`.  The log-sum-exp :math:`\ell_i` is a row
 statistic every flash kernel keeps, but on CPU the only op that returns it
-(``aten._scaled_dot_product_flash_attention_for_cpu``) is private and returns it *without
-a gradient*, while training needs :math:`\partial \ell_i / \partial q_i`.  So we do the
-honest thing and give the kernel the virtual key itself: one extra channel carries the
-sink logit, the virtual key's value is zero, and two read-out channels of the values
-return the real mass :math:`\sigma(\ell_i - b_i)` and the sink weight
-:math:`\sigma(b_i - \ell_i)`.  No ``L x S`` tensor is built and autograd flows through
-SDPA's own backward.
+(``aten._scaled_dot_product_flash_attention_for_cpu``) is private and returns it
+*without a gradient*, while training needs :math:`\partial \ell_i / \partial q_i`.  So
+we do the honest thing and give the kernel the virtual key itself: one extra channel
+carries the sink logit, the virtual key's value is zero, and two read-out channels of
+the values return the real mass :math:`\sigma(\ell_i - \zeta_i)` and the sink weight
+:math:`\sigma(\zeta_i - \ell_i)`.  No ``L x S`` tensor is built and autograd flows
+through SDPA's own backward.
 
 Causal masks.  SDPA's ``is_causal`` aligns the mask top-left (query ``i`` sees keys
-``0..i``) while :func:`otattn.priors.causal_log_prior` aligns it bottom-right (queries are
-the last ``L`` keys); the two agree when ``L == S``, so ``causal=True`` requires ``L == S``.
+``0..i``) while :func:`otattn.priors.causal_log_prior` aligns it bottom-right (queries
+are the last ``L`` keys); the two agree when ``L == S``, so ``causal=True`` requires
+``L == S``.
 
 References: :cite:`qiu2025gated`, :cite:`miller2023offbyone`, :cite:`xiao2023streaming`,
 :cite:`dao2023flashattention2`.
@@ -35,6 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from otattn.nn._checks import (
+    check_bool,
+    check_choice,
+    check_input_dtype,
+    check_int,
+    set_fields,
+)
+
 __all__ = [
     "GatedAttention",
     "GatedAttentionConfig",
@@ -48,7 +57,12 @@ __all__ = [
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> None:
-    """Raise ``ValueError`` unless ``q, k, v`` are 4-D floating tensors that fit together."""
+    """Raise ``ValueError`` unless ``q, k, v`` and ``causal`` are valid together.
+
+    ``q, k, v`` must be 4-D floating tensors of one dtype that fit together, and
+    ``causal`` a bool.
+    """
+    check_bool(causal, "causal")
     for name, t, axes in (
         ("q", q, "(B, H, L, D)"),
         ("k", k, "(B, H, S, D)"),
@@ -56,7 +70,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> None:
     ):
         if not isinstance(t, Tensor) or t.ndim != 4:
             raise ValueError(
-                f"{name} must be a 4-D tensor of shape {axes}, got {getattr(t, 'shape', type(t))}"
+                f"{name} must be a 4-D tensor of shape {axes}, "
+                f"got {getattr(t, 'shape', type(t))}"
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
@@ -66,19 +81,23 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> None:
         )
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
         raise ValueError(
-            f"q, k, v must share (B, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"q, k, v must share (B, H), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
-            f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}"
+            "q and k must share the head dimension D, "
+            f"got {q.shape[-1]} and {k.shape[-1]}"
         )
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(
-            f"k and v must have the same number of keys S, got {k.shape[-2]} and {v.shape[-2]}"
+            "k and v must have the same number of keys S, "
+            f"got {k.shape[-2]} and {v.shape[-2]}"
         )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(
-            f"causal=True needs L == S (SDPA aligns its causal mask top-left), got L={q.shape[-2]}, S={k.shape[-2]}"
+            "causal=True needs L == S (SDPA aligns its causal mask top-left), "
+            f"got L={q.shape[-2]}, S={k.shape[-2]}"
         )
 
 
@@ -96,19 +115,23 @@ def _default_scale(D: int, scale: float | None) -> float:
 
 
 def _pad_last(t: Tensor, width: int) -> Tensor:
-    """Append zero channels to the last axis of ``t`` up to ``width`` (no copy if already there)."""
+    """Pad the last axis of ``t`` with zeros up to ``width`` (no copy if it has it)."""
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
 
 def fused_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
 ) -> Tensor:
-    r"""Softmax attention :math:`O = \operatorname{softmax}(\text{scale}\, Q K^\top)\, V` through SDPA's fused kernels.
+    r"""Softmax attention through SDPA's fused kernels.
 
-    PyTorch's flash kernels need one head size for ``q``, ``k`` and ``v`` (otherwise SDPA
-    silently falls back to the math path, which builds ``L x S``).  When ``D != Dv`` the
-    smaller side is padded with zero channels, which changes no score and no output
-    channel, and the padding is cut from the output.
+    .. math::
+
+        O = \operatorname{softmax}(\text{scale}\, Q K^\top)\, V.
+
+    PyTorch's flash kernels need one head size for ``q``, ``k`` and ``v`` (otherwise
+    SDPA silently falls back to the math path, which builds ``L x S``).  When
+    ``D != Dv`` the smaller side is padded with zero channels, which changes no score
+    and no output channel, and the padding is cut from the output.
 
     Parameters
     ----------
@@ -151,8 +174,11 @@ def gate_values(x: Tensor, w_gate: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class GatedAttentionResult:
-    r"""Output of :func:`gated_attention`: ``out`` (B, H, L, Dv) is :math:`Y \odot g`,
-    ``attention`` (B, H, L, Dv) the ungated :math:`Y`, ``gate`` (B, H, L, G) the gate."""
+    r"""Output of :func:`gated_attention`.
+
+    ``out`` (B, H, L, Dv) is :math:`Y \odot g`, ``attention`` (B, H, L, Dv) the ungated
+    :math:`Y`, ``gate`` (B, H, L, G) the gate.
+    """
 
     out: Tensor
     attention: Tensor
@@ -162,14 +188,16 @@ class GatedAttentionResult:
 def _check_gate(
     x: Tensor, w_gate: Tensor, B: int, H: int, L: int, Dv: int, dtype: torch.dtype
 ) -> None:
-    """Raise ``ValueError`` unless ``x`` (B, L, M) and ``w_gate`` (M, H, G) match the heads."""
+    """Raise ``ValueError`` unless ``x`` (B, L, M) and ``w_gate`` (M, H, G) fit."""
     if not isinstance(x, Tensor) or x.ndim != 3 or tuple(x.shape[:2]) != (B, L):
         raise ValueError(
-            f"x must have shape (B, L, M) = ({B}, {L}, M), got {getattr(x, 'shape', type(x))}"
+            f"x must have shape (B, L, M) = ({B}, {L}, M), "
+            f"got {getattr(x, 'shape', type(x))}"
         )
     if not isinstance(w_gate, Tensor) or w_gate.ndim != 3:
         raise ValueError(
-            f"w_gate must have shape (M, H, G), got {getattr(w_gate, 'shape', type(w_gate))}"
+            "w_gate must have shape (M, H, G), "
+            f"got {getattr(w_gate, 'shape', type(w_gate))}"
         )
     M, H_w, G = w_gate.shape
     if x.shape[-1] != M:
@@ -180,11 +208,13 @@ def _check_gate(
         )
     if G not in (1, Dv):
         raise ValueError(
-            f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), got {G}"
+            f"w_gate's last axis must be 1 (headwise) or Dv = {Dv} (elementwise), "
+            f"got {G}"
         )
     if x.dtype != dtype or w_gate.dtype != dtype:
         raise ValueError(
-            f"x and w_gate must have the dtype of q ({dtype}), got {x.dtype} and {w_gate.dtype}"
+            f"x and w_gate must have the dtype of q ({dtype}), "
+            f"got {x.dtype} and {w_gate.dtype}"
         )
 
 
@@ -198,7 +228,7 @@ def gated_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> GatedAttentionResult:
-    r"""Gated attention :math:`Y' = Y \odot \sigma(X W_g)`, the gate after the kernel (G1).
+    r"""Gated attention :math:`Y' = Y \odot \sigma(X W_g)`, gated after the kernel (G1).
 
     Equation :eq:`eq-gated` of the book; the torch twin of
     :func:`otattn.gating.gated_attention` with ``eps = 1`` (fold a temperature into
@@ -228,8 +258,8 @@ def gated_attention(
     Raises
     ------
     ValueError
-        On tensors of the wrong rank, dtype or shape, ``causal`` with ``L != S``, or a bad
-        ``scale``.
+        On tensors of the wrong rank, dtype or shape, ``causal`` with ``L != S``, or a
+        bad ``scale``.
     """
     _check_qkv(q, k, v, causal=causal)
     B, H, L, _ = q.shape
@@ -241,8 +271,11 @@ def gated_attention(
 
 @dataclass(frozen=True)
 class SinkAttentionResult:
-    r"""Output of :func:`sink_attention`: ``out`` (B, H, L, Dv), ``sink_weight`` (B, H, L)
-    :math:`= \sigma(b_i - \ell_i)` and ``lse`` (B, H, L) :math:`= \ell_i`, all differentiable."""
+    r"""Output of :func:`sink_attention`, all differentiable.
+
+    ``out`` (B, H, L, Dv), ``sink_weight`` (B, H, L) :math:`= \sigma(\zeta_i - \ell_i)`
+    and ``lse`` (B, H, L) :math:`= \ell_i`.
+    """
 
     out: Tensor
     sink_weight: Tensor
@@ -258,33 +291,37 @@ def sink_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> SinkAttentionResult:
-    r"""Attention with a learned sink logit: a virtual key with value zero and logit :math:`b`.
+    r"""Attention with a learned sink logit :math:`\zeta`: a virtual key of value zero.
 
     .. math::
 
-        o_i = \sum_j \frac{e^{s_{ij}}}{e^{b_i} + \sum_k e^{s_{ik}}}\, v_j = \sigma(\ell_i - b_i)\, O_i,
+        o_i = \sum_j \frac{e^{s_{ij}}}{e^{\zeta_i} + \sum_k e^{s_{ik}}}\, v_j
+        = \sigma(\ell_i - \zeta_i)\, O_i,
         \qquad \ell_i = \lse_j s_{ij},
 
-    equation :eq:`eq-sink-gate`; the torch twin of :func:`otattn.attention.sink_attention`
-    with ``eps = 1``.  ``sink_logit = 0`` is softmax-off-by-one :cite:`miller2023offbyone`.
+    equation :eq:`eq-sink-gate`; the torch twin of
+    :func:`otattn.attention.sink_attention` with ``eps = 1``.  ``sink_logit = 0`` is
+    softmax-off-by-one :cite:`miller2023offbyone`.
 
     **How it stays fused.**  One SDPA call with ``scale = 1`` on augmented tensors of a
     common width ``W = max(D + 1, Dv + 2)``:
 
-    - queries :math:`q'_i = [\text{scale}\, q_i,\ b_i, 0\dots]`;
-    - keys: the virtual key :math:`[0_D, 1, 0\dots]` first, then :math:`[k_j, 0, 0\dots]`,
-      so that :math:`\langle q'_i, k'_\star\rangle = b_i` exactly and the real scores are
-      unchanged;
+    - queries :math:`q'_i = [\text{scale}\, q_i,\ \zeta_i, 0\dots]`;
+    - keys: the virtual key :math:`[0_D, 1, 0\dots]` first, then
+      :math:`[k_j, 0, 0\dots]`, so that :math:`\langle q'_i, k'_\star\rangle = \zeta_i`
+      exactly and the real scores are unchanged;
     - values: the virtual key :math:`[0_{Dv}, 0, 1, 0\dots]`, the real keys
       :math:`[v_j, 1, 0, 0\dots]`.  Output channel ``Dv`` is the real mass
-      :math:`\sigma(\ell_i - b_i)`, channel ``Dv + 1`` the sink weight, so
-      :math:`\ell_i = b_i + \log \sigma(\ell_i - b_i) - \log \sigma(b_i - \ell_i)` with both
-      logs taken of small-or-moderate numbers held to full relative precision.
+      :math:`r_i = \sigma(\ell_i - \zeta_i)`, channel ``Dv + 1`` the sink weight
+      :math:`w_i = \sigma(\zeta_i - \ell_i)`, so
+      :math:`\ell_i = \zeta_i + \log r_i - \log w_i`, with both logs taken of
+      small-or-moderate numbers held to full relative precision.
 
-    Under ``causal=True`` a dummy query is put first, so that with SDPA's top-left causal
-    mask query ``i`` (row ``i + 1``) sees the virtual key and real keys ``0..i``; the dummy
-    row is dropped.  Cost: one extra key, one extra query, two extra channels; memory
-    stays ``O(L)``.  In bf16 the logit :math:`b_i` is rounded to bf16 (about 3 digits).
+    Under ``causal=True`` a dummy query is put first, so that with SDPA's top-left
+    causal mask query ``i`` (row ``i + 1``) sees the virtual key and real keys ``0..i``;
+    the dummy row is dropped.  Cost: one extra key, one extra query, two extra channels;
+    memory stays ``O(L)``.  In bf16 the logit :math:`\zeta_i` is rounded to bf16 (about
+    3 digits).
 
     Parameters
     ----------
@@ -292,9 +329,11 @@ def sink_attention(
     k : Tensor, shape (B, H, S, D)
     v : Tensor, shape (B, H, S, Dv)
     sink_logit : float or Tensor broadcastable to (B, H, L)
-        The logit :math:`b`: a scalar, one per head (shape ``(H, 1)``), or one per query.
+        The logit :math:`\zeta`: a scalar, one per head (shape ``(H, 1)``), or one per
+        query.
     causal : bool, default False
-        Causal mask over the real keys (the virtual key is always visible); needs ``L == S``.
+        Causal mask over the real keys (the virtual key is always visible); needs
+        ``L == S``.
     scale : float, optional
         Score scale, ``1/sqrt(D)`` by default.
 
@@ -317,20 +356,20 @@ def sink_attention(
     B, H, L, D = q.shape
     S, Dv = k.shape[-2], v.shape[-1]
     scale = _default_scale(D, scale)
-    b = torch.as_tensor(sink_logit, dtype=q.dtype, device=q.device)
+    zeta = torch.as_tensor(sink_logit, dtype=q.dtype, device=q.device)
     try:
-        b = torch.broadcast_to(b, (B, H, L))
+        zeta = torch.broadcast_to(zeta, (B, H, L))
     except RuntimeError:
         raise ValueError(
-            f"sink_logit of shape {tuple(b.shape)} does not broadcast to the rows {(B, H, L)}"
+            f"sink_logit of shape {tuple(zeta.shape)} does not broadcast to the rows "
+            f"{(B, H, L)}"
         ) from None
-    if not torch.isfinite(b).all():
+    if not torch.isfinite(zeta).all():
         raise ValueError("sink_logit must be finite")
     W = max(D + 1, Dv + 2)
-    q_aug = _pad_last(torch.cat([scale * q, b.unsqueeze(-1)], dim=-1), W)
-    if (
-        causal
-    ):  # the dummy first query: with top-left alignment, row i + 1 sees keys 0..i + 1
+    q_aug = _pad_last(torch.cat([scale * q, zeta.unsqueeze(-1)], dim=-1), W)
+    # the dummy first query: with top-left alignment, row i + 1 sees keys 0..i + 1
+    if causal:
         q_aug = torch.cat([q_aug.new_zeros(B, H, 1, W), q_aug], dim=-2)
     sink_key = q.new_zeros(B, H, 1, W)
     sink_key[..., D] = 1.0
@@ -347,7 +386,7 @@ def sink_attention(
     if causal:
         out = out[..., 1:, :]
     real_mass, sink_weight = out[..., Dv], out[..., Dv + 1]
-    lse = b + torch.log(real_mass) - torch.log(sink_weight)
+    lse = zeta + torch.log(real_mass) - torch.log(sink_weight)
     return SinkAttentionResult(out=out[..., :Dv], sink_weight=sink_weight, lse=lse)
 
 
@@ -355,10 +394,10 @@ def sink_attention(
 class GatedAttentionConfig:
     """Configuration of :class:`GatedAttention`.
 
-    ``d_model`` width of the layer input; ``n_heads`` heads of ``head_dim`` channels each
-    (default ``d_model // n_heads``); ``gate`` is ``'elementwise'`` (one gate per head and
-    channel, ``G = head_dim``) or ``'headwise'`` (one per head, ``G = 1``); ``causal``
-    masks the future.
+    ``d_model`` width of the layer input; ``n_heads`` heads of ``head_dim`` channels
+    each (default ``d_model // n_heads``); ``gate`` is ``'elementwise'`` (one gate per
+    head and channel, ``G = head_dim``) or ``'headwise'`` (one per head, ``G = 1``);
+    ``causal`` masks the future.
     """
 
     d_model: int
@@ -368,28 +407,23 @@ class GatedAttentionConfig:
     causal: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        set_fields(
+            self,
+            dict(
+                d_model=check_int(self.d_model, "d_model"),
+                n_heads=check_int(self.n_heads, "n_heads"),
+                head_dim=check_int(self.head_dim, "head_dim", optional=True),
+                gate=check_choice(self.gate, "gate", ("elementwise", "headwise")),
+                causal=check_bool(self.causal, "causal"),
+            ),
+        )
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(
-                    f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; give head_dim"
+                    f"d_model = {self.d_model} is not divisible by n_heads = "
+                    f"{self.n_heads}; give head_dim"
                 )
             self.head_dim = self.d_model // self.n_heads
-        elif (
-            isinstance(self.head_dim, bool)
-            or not isinstance(self.head_dim, int)
-            or self.head_dim < 1
-        ):
-            raise ValueError(
-                f"head_dim must be a positive integer, got {self.head_dim!r}"
-            )
-        if self.gate not in ("elementwise", "headwise"):
-            raise ValueError(
-                f"gate must be 'elementwise' or 'headwise', got {self.gate!r}"
-            )
 
 
 class GatedAttention(nn.Module):
@@ -412,21 +446,26 @@ class GatedAttention(nn.Module):
 
     @property
     def w_gate(self) -> Tensor:
-        """The gate weights as :func:`gated_attention` takes them, shape (d_model, H, G)."""
+        """The gate weights as :func:`gated_attention` takes them, (d_model, H, G)."""
         return self.gate_proj.weight.T.reshape(
             self.config.d_model, self.config.n_heads, -1
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Gated attention of the normalised input ``x`` (B, L, d_model) -> (B, L, d_model)."""
+        """Gated attention of the normalised input ``x`` (B, L, d_model), same shape.
+
+        ``x`` must have the dtype of the layer's parameters.
+        """
         if (
             not isinstance(x, Tensor)
             or x.ndim != 3
             or x.shape[-1] != self.config.d_model
         ):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"x must have shape (B, L, {self.config.d_model}), got {getattr(x, 'shape', type(x))}"
+                f"x must have shape (B, L, {self.config.d_model}), got {got}"
             )
+        check_input_dtype(x, self.qkv.weight.dtype)
         B, L, _ = x.shape
         H, Dh = self.config.n_heads, self.config.head_dim
         q, k, v = (

@@ -1,12 +1,13 @@
 r"""The GOAT attention layer: a config, a prior, one fused kernel call, and a KV cache.
 
 ``GoatAttention`` projects the input to content queries and keys of size
-:math:`d_c = D - (2AR + n)` per head (:math:`A` position axes, 1 for sequences and 2 for
-image grids; :math:`n` channels carry the sink lane, 3 by default) and to values of size
-:math:`D`, builds the prior's lanes at the tokens' integer positions
-(:class:`otattn.nn.priors.GoatPrior`), calls :func:`otattn.nn.functional.goat_attention`,
-and projects the heads back (book, :ref:`sec-goat-fused`).  Read it next to nanoGPT's
-``CausalSelfAttention``.
+:math:`d_c = D - D_\pi` per head and to values of size :math:`D`.  The prior takes
+:math:`D_\pi = 2AR + n` channels of the head: :math:`2AR` relative lanes (:math:`A`
+position axes, 1 for sequences and 2 for image grids; one channel per lane by default)
+and the sink lane in :math:`n` channels (3 by default).  The layer builds the lanes at
+the tokens' integer positions (:class:`otattn.nn.priors.GoatPrior`), calls
+:func:`otattn.nn.functional.goat_attention`, and projects the heads back (book,
+:ref:`sec-goat-fused`).  Read it next to nanoGPT's ``CausalSelfAttention``.
 
 On a grid (``n_axes = 2``, :eq:`eq-goat-2d`) the layer is a ViT's attention: positions
 (row, column) per token, class tokens without a position, no causal mask, no recency
@@ -24,9 +25,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from otattn.nn._checks import (
+    check_bool,
+    check_choice,
+    check_input_dtype,
+    check_int,
+    check_real,
+    set_fields,
+)
 from otattn.nn.functional import fused_query_key, lane_attention, sink_channels
 from otattn.nn.gated import gate_values
-from otattn.nn.priors import GoatPrior
+from otattn.nn.priors import _SINK_ACTIVATIONS, GoatPrior
 
 __all__ = ["GoatAttention", "GoatConfig", "KVCache"]
 
@@ -38,28 +47,35 @@ class GoatConfig:
     """Configuration of :class:`GoatAttention`.
 
     ``n_embd`` model width, split into ``n_head`` heads of size ``head_dim`` (default
-    ``n_embd // n_head``), of which ``2 * n_axes * rank * rel_parts + sink_parts`` channels carry the prior
-    (``sink_parts`` channels, default 3, carry the sink lane so that it keeps about float32
-    precision in a bfloat16 or float16 model: :func:`otattn.nn.functional.split_lane`;
-    ``rel_parts`` channels, default 1, carry each relative lane, 2 for large relative
-    weights in bfloat16, book :ref:`ch-precision`);
-    ``n_kv_head`` key/value heads (grouped-query attention when fewer than ``n_head``);
-    ``sink_hidden`` width of the sink MLP (0: none) over ``sink_freq`` frequencies and
-    the position normalised by ``length`` (the training context length); ``recency`` adds
-    the learned slope :math:`m\\,p_j`; ``init`` is ``"uniform"`` (standard attention at
-    start) or ``"alibi"``.  ``sink_activation`` (``"tanh"`` or ``"silu"``),
+    ``n_embd // n_head``), of which :math:`D_\\pi` = ``2 * n_axes * rank * rel_parts +
+    sink_parts`` channels carry the prior (``sink_parts`` channels, default 3, carry the
+    sink lane so that it keeps about float32 precision in a bfloat16 or float16 model:
+    :func:`otattn.nn.functional.split_lane`; ``rel_parts`` channels, default 1, carry
+    each relative lane, 2 for large relative weights in bfloat16, book
+    :ref:`ch-precision`); ``n_kv_head`` key/value heads (grouped-query attention when
+    fewer than ``n_head``); ``sink_hidden`` width of the sink MLP (0: none) over
+    ``sink_freq`` frequencies and the position normalised by ``length`` (the training
+    context length); ``recency`` adds the learned slope :math:`m\\,p_j`; ``init`` is
+    ``"uniform"`` (standard attention at start) or ``"alibi"`` (needs ``recency``).
+    ``sink_activation`` (``"tanh"`` or ``"silu"``),
     ``sink_log_position`` (a feature :math:`\\log(1+p)/\\log(1+\\text{length})`),
     ``sink_bump`` (a learned log-prior on the key at position 0) and ``sink_base`` (the
     sink's frequency base, default ``base``) choose the variant of the sink term
     (:func:`otattn.nn.priors.sink_term`); the defaults are ours, and
     :func:`otattn.nn.convert.goat_to_otattn` sets them to the authors' package.
     ``n_axes`` is the number of position axes: 1 for sequences, 2 for an image grid
-    (:eq:`eq-goat-2d`), whose relative prior takes ``2 * n_axes * rank`` channels; a grid
-    needs ``causal=False`` and ``recency=False`` (its tokens have no order).
+    (:eq:`eq-goat-2d`), whose relative prior takes ``2 * n_axes * rank`` channels; a
+    grid needs ``causal=False`` and ``recency=False`` (its tokens have no order).
     ``gate`` (``None``, ``"elementwise"`` or ``"headwise"``) adds the output gate of
     gated attention at G1 :cite:`qiu2025gated`: the per-head output is multiplied by
-    :math:`\\sigma(x W_g)` before the output projection (:func:`otattn.nn.gated.gate_values`,
-    book :eq:`eq-gated`), so GOAT and the gate combine in one layer.
+    :math:`\\sigma(x W_g)` before the output projection
+    (:func:`otattn.nn.gated.gate_values`, book :eq:`eq-gated`), so GOAT and the gate
+    combine in one layer.
+
+    Every field is checked when the config is made: integers must be ``int`` (not a
+    float or a bool), flags ``True`` or ``False``, strings one of their choices, and
+    ``ValueError`` names the field, what it must be and what it got.  NumPy scalars are
+    accepted and stored as plain ``int``, ``float`` and ``bool``.
     """
 
     n_embd: int
@@ -85,41 +101,56 @@ class GoatConfig:
     gate: str | None = None
 
     def __post_init__(self) -> None:
-        if (
-            min(
-                self.n_embd,
-                self.n_head,
-                self.rank,
-                self.sink_parts,
-                self.n_axes,
-                self.rel_parts,
-            )
-            < 1
+        # Types first: a float width fails deep inside torch, a string flag is truthy.
+        ints = (
+            "n_embd",
+            "n_head",
+            "rank",
+            "sink_freq",
+            "length",
+            "sink_parts",
+            "n_axes",
+            "rel_parts",
+        )
+        checked = {name: check_int(getattr(self, name), name) for name in ints}
+        for name in ("n_kv_head", "head_dim"):
+            checked[name] = check_int(getattr(self, name), name, optional=True)
+        checked["sink_hidden"] = check_int(self.sink_hidden, "sink_hidden", minimum=0)
+        for name in ("causal", "recency", "bias", "sink_log_position", "sink_bump"):
+            checked[name] = check_bool(getattr(self, name), name)
+        checked["base"] = check_real(self.base, "base", above=1)
+        checked["sink_base"] = check_real(
+            self.sink_base, "sink_base", above=1, optional=True
+        )
+        for name, allowed in (
+            ("init", ("uniform", "alibi")),
+            ("sink_activation", tuple(_SINK_ACTIVATIONS)),
+            ("gate", (None, "elementwise", "headwise")),
         ):
-            raise ValueError(
-                "n_embd, n_head, rank, sink_parts, n_axes and rel_parts must be positive"
-            )
+            checked[name] = check_choice(getattr(self, name), name, allowed)
+        set_fields(self, checked)  # plain int, float and bool from here on
+        if self.init == "alibi" and not self.recency:
+            raise ValueError("init='alibi' seeds the recency slope: pass recency=True")
         if self.n_axes > 1 and (self.causal or self.recency):
             raise ValueError(
-                f"a grid prior (n_axes={self.n_axes}) needs causal=False and recency=False: grid tokens have no order, "
-                f"got causal={self.causal}, recency={self.recency}"
+                f"a grid prior (n_axes={self.n_axes}) needs causal=False and "
+                f"recency=False: grid tokens have no order, got causal={self.causal}, "
+                f"recency={self.recency}"
             )
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(
-                f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; pass head_dim"
+                f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; "
+                "pass head_dim"
             )
         if self.dim <= self.prior_channels:
             raise ValueError(
-                f"head_dim={self.dim} is too small for rank={self.rank}: the prior takes 2 * n_axes * R * rel_parts + sink_parts = "
+                f"head_dim={self.dim} is too small for rank={self.rank}: the prior "
+                "takes 2 * n_axes * R * rel_parts + sink_parts = "
                 f"{self.prior_channels} channels and leaves no content channel"
             )
         if self.n_head % self.kv_heads:
             raise ValueError(
                 f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}"
-            )
-        if self.gate not in (None, "elementwise", "headwise"):
-            raise ValueError(
-                f"gate must be None, 'elementwise' or 'headwise', got {self.gate!r}"
             )
 
     @property
@@ -129,15 +160,16 @@ class GoatConfig:
 
     @property
     def content_dim(self) -> int:
-        """Content channels per head, d_c = D - prior_channels."""
+        """Content channels per head, :math:`d_c = D - D_\\pi`."""
         return self.dim - self.prior_channels
 
     @property
     def prior_channels(self) -> int:
-        """Head channels that carry the prior: 2AR rel_parts + sink_parts (A = ``n_axes``).
+        """Head channels that carry the prior, :math:`D_\\pi`.
 
-        The prior builds ``GoatPrior.n_lanes`` = 2AR + 1 lanes; the split layout spreads them
-        over these channels (:func:`otattn.nn.functional.fused_query_key`).
+        :math:`D_\\pi` = 2AR rel_parts + sink_parts (A = ``n_axes``).  The prior builds
+        ``GoatPrior.n_lanes`` = 2AR + 1 lanes; the split layout spreads them over these
+        channels (:func:`otattn.nn.functional.fused_query_key`).
         """
         return 2 * self.n_axes * self.rank * self.rel_parts + self.sink_parts
 
@@ -148,15 +180,15 @@ class GoatConfig:
 
 
 class KVCache:
-    """Fused keys (content and lane channels) and values of the tokens seen so far, for one layer.
+    """Fused keys (content and lane channels) and values of one layer's past tokens.
 
     Made by :meth:`GoatAttention.new_cache`; ``key`` and ``value`` are (B, G, S, D),
     ``positions`` (S,), and ``sink`` (G, S) the sink lane :math:`u(p_j)` in float64,
-    with its recency term measured from ``origin``.  Every call measures recency from its
-    own last query position: the cached sink lane is shifted by the row constant
-    :math:`-m\\,(\\text{origin}' - \\text{origin})` (exact in float64) and its key channels
-    are rewritten, so the lane stays small near the newest query at any depth (book,
-    :ref:`sec-torch-precision`).  The spectral lanes of cached keys never change.
+    with its recency term measured from ``origin``.  Every call measures recency from
+    its own last query position: the cached sink lane is shifted by the row constant
+    :math:`-m\\,(\\text{origin}' - \\text{origin})` (exact in float64) and its key
+    channels are rewritten, so the lane stays small near the newest query at any depth
+    (book, :ref:`sec-torch-precision`).  The spectral lanes of cached keys never change.
     """
 
     def __init__(self, layer_id: int, batch: int, config: GoatConfig) -> None:
@@ -171,8 +203,8 @@ class KVCache:
         return 0 if self.key is None else self.key.shape[2]
 
     def next_positions(self, L: int, device) -> Tensor:
-        """Default positions of L new tokens: right after the last cached one."""
-        start = 0 if self.positions is None else int(self.positions[-1]) + 1
+        """Default positions of L new tokens: right after the largest cached one."""
+        start = 0 if self.positions is None else int(self.positions.max()) + 1
         return torch.arange(start, start + L, device=device)
 
     def append(
@@ -184,27 +216,27 @@ class KVCache:
         origin: int,
         slope: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        """Store a new block whose sink lane ``sink`` (G, S_new) is measured from ``origin``; return all keys and values."""
+        """Store a block of keys and values; return all keys and values so far.
+
+        The block's sink lane ``sink`` (G, S_new) is measured from ``origin``.
+        """
         sink = sink.detach().to(torch.float64)
         if self.key is not None:
             old = self.sink
-            if (
-                slope is not None and origin != self.origin
-            ):  # re-centre: a row constant, exact in float64
-                old = old - slope.detach().to(torch.float64)[:, None] * float(
-                    origin - self.origin
-                )
+            # re-centre: a row constant, exact in float64
+            if slope is not None and origin != self.origin:
+                shift = float(origin - self.origin)
+                old = old - slope.detach().to(torch.float64)[:, None] * shift
             S_old, n = self.key.shape[2], self.config.sink_parts
             key = torch.cat([self.key, key], dim=2)
             with torch.no_grad():
-                # the layer's layout carries sqrt(d_c) u (fused_query_key, scale_in_kernel=True)
+                # the layer's layout carries sqrt(d_c) u
+                # (fused_query_key with scale_in_kernel=True)
                 key[:, :, :S_old, -n:] = sink_channels(
                     old * math.sqrt(self.config.content_dim), key.dtype, n
                 )
-            value, positions = (
-                torch.cat([self.value, value], dim=2),
-                torch.cat([self.positions, positions]),
-            )
+            value = torch.cat([self.value, value], dim=2)
+            positions = torch.cat([self.positions, positions])
             sink = torch.cat([old, sink], dim=1)
         self.key, self.value, self.positions, self.sink, self.origin = (
             key,
@@ -221,7 +253,8 @@ class GoatAttention(nn.Module):
 
     .. math::
 
-        o^h_i = \sum_j \operatorname{softmax}_j\bigl(\langle q^h_{c,i}, k^{g}_{c,j}\rangle/\sqrt{d_c} + K^h_{ij}\bigr)\, v^{g}_j,
+        o^h_i = \sum_j \operatorname{softmax}_j\bigl(
+            \langle q^h_{c,i}, k^{g}_{c,j}\rangle/\sqrt{d_c} + K^h_{ij}\bigr)\, v^{g}_j,
 
     :eq:`eq-goat-prior`, :eq:`eq-fused`.  Projections: queries (E -> H d_c), keys
     (E -> G d_c), values (E -> G D), output (H D -> E).
@@ -247,9 +280,8 @@ class GoatAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, G * D, bias=config.bias)
         self.out_proj = nn.Linear(H * D, config.n_embd, bias=config.bias)
         self.gate_proj = None
-        if (
-            config.gate is not None
-        ):  # G1 gate: one per head and channel, or one per head
+        # G1 gate: one per head and channel, or one per head
+        if config.gate is not None:
             self.gate_proj = nn.Linear(
                 config.n_embd,
                 H * (D if config.gate == "elementwise" else 1),
@@ -273,14 +305,15 @@ class GoatAttention(nn.Module):
         )
 
     def new_cache(self, batch: int) -> KVCache:
-        """An empty KV cache for this layer and a batch of ``batch`` sequences (not for a grid)."""
+        """An empty KV cache for this layer and ``batch`` sequences (not for a grid)."""
         self._refuse_cache()
-        return KVCache(self.layer_id, batch, self.config)
+        return KVCache(self.layer_id, check_int(batch, "batch"), self.config)
 
     def _refuse_cache(self) -> None:
         if self.config.n_axes > 1:
             raise ValueError(
-                f"a grid layer (n_axes={self.config.n_axes}) attends to all its tokens at once: no KV cache"
+                f"a grid layer (n_axes={self.config.n_axes}) attends to all its "
+                "tokens at once: no KV cache"
             )
 
     def forward(
@@ -292,49 +325,41 @@ class GoatAttention(nn.Module):
         key_mask: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Self-attention of ``x`` (B, L, E) at integer ``positions`` (L,), or (L, A) on a grid; returns (B, L, E).
+        """Self-attention of ``x`` (B, L, E) at integer ``positions``; out (B, L, E).
 
-        ``positions`` default to ``0..L-1``, or continue the cache; a grid (``n_axes = A
-        > 1``) needs them.  ``has_position`` (L,), boolean, is ``False`` at tokens without
-        a position (class tokens), whose relative prior is zero.  ``key_mask`` (B, S),
-        ``True`` where a key may be attended, covers the cached keys and the new ones.  With
-        a cache, the new tokens' keys and values are appended and the queries attend to all
-        cached keys (causally: the queries are the last L keys).
+        ``positions`` (L,), or (L, A) on a grid, an integer tensor or a sequence of
+        ints (converted with ``torch.as_tensor``), default to ``0..L-1`` or continue
+        the cache; a grid (``n_axes = A > 1``) needs them.  ``has_position`` (L,),
+        boolean, is ``False`` at tokens without a position (class tokens), whose
+        relative prior is zero.  ``key_mask`` (B, S), ``True`` where a key may be
+        attended, covers the cached keys and the new ones.  ``x`` must have the dtype
+        of the layer's parameters.  An empty sequence (L = 0) gives an empty (B, 0, E)
+        output, as ``nn.Linear`` does, and leaves a cache unchanged.
+
+        With a cache, the new tokens' keys and values are appended and the queries
+        attend to all cached keys (causally: the queries are the last L keys).  So a
+        causal layer refuses new positions at or before the last cached one: those
+        cached keys would lie in the queries' future.  A non-causal layer takes any
+        positions.  Every check runs before the cache changes: a refused call leaves it
+        as it was.
+
+        Raises
+        ------
+        ValueError
+            On an input of the wrong shape or dtype, bad positions or flags, a
+            ``key_mask`` that does not cover the cached and new keys, a cache of
+            another layer or batch, or (causal layer) positions at or before the
+            cache's last one.
         """
         cfg = self.config
-        if x.ndim != 3 or x.shape[-1] != cfg.n_embd:
-            raise ValueError(
-                f"x must have shape (B, L, n_embd={cfg.n_embd}), got {tuple(x.shape)}"
-            )
+        positions, has_position = self._check_input(
+            x, positions, has_position, key_mask, cache
+        )
         B, L, _ = x.shape
-        if cache is not None:
-            self._refuse_cache()
-        if cache is not None and (
-            cache.layer_id != self.layer_id or cache.batch != B or cache.config != cfg
-        ):
-            raise ValueError(
-                f"this KV cache belongs to layer {cache.layer_id} with batch {cache.batch}, "
-                f"not to layer {self.layer_id} with batch {B}"
-            )
-        if cfg.n_axes > 1:
-            if positions is None or positions.shape != (L, cfg.n_axes):
-                got = None if positions is None else tuple(positions.shape)
-                raise ValueError(
-                    f"a grid layer needs positions of shape (L, A) = ({L}, {cfg.n_axes}), got {got}"
-                )
-            origin = None  # no recency term on a grid
-        else:
-            if positions is None:
-                positions = (
-                    torch.arange(L, device=x.device)
-                    if cache is None
-                    else cache.next_positions(L, x.device)
-                )
-            if positions.shape != (L,):
-                raise ValueError(
-                    f"positions must have shape (L,) = ({L},), got {tuple(positions.shape)}"
-                )
-            origin = int(positions[-1])
+        if L == 0:
+            return self.out_proj(x.new_zeros(B, 0, cfg.n_head * cfg.dim))
+        # the recency origin: the last query (no recency term on a grid)
+        origin = int(positions[-1]) if cfg.n_axes == 1 else None
         q = self.q_proj(x).view(B, L, cfg.n_head, self.d_c).transpose(1, 2)
         k = self.k_proj(x).view(B, L, cfg.kv_heads, self.d_c).transpose(1, 2)
         v = self.v_proj(x).view(B, L, cfg.kv_heads, cfg.dim).transpose(1, 2)
@@ -371,3 +396,74 @@ class GoatAttention(nn.Module):
                 x, self.gate_proj.weight.T.reshape(cfg.n_embd, cfg.n_head, -1)
             )
         return self.out_proj(y.transpose(1, 2).reshape(B, L, cfg.n_head * cfg.dim))
+
+    def _check_input(
+        self, x, positions, has_position, key_mask, cache
+    ) -> tuple[Tensor, Tensor | None]:
+        """Raise ``ValueError`` on bad input to :meth:`forward`.
+
+        Returns the positions (the default ones filled in) and ``has_position`` as
+        tensors on the device of ``x``.
+        """
+        cfg = self.config
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != cfg.n_embd:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"x must have shape (B, L, n_embd={cfg.n_embd}), got {got}"
+            )
+        check_input_dtype(x, self.q_proj.weight.dtype)
+        B, L, _ = x.shape
+        if cache is not None:
+            self._refuse_cache()
+            if (
+                cache.layer_id != self.layer_id
+                or cache.batch != B
+                or cache.config != cfg
+            ):
+                raise ValueError(
+                    f"this KV cache belongs to layer {cache.layer_id} with batch "
+                    f"{cache.batch}, not to layer {self.layer_id} with batch {B}"
+                )
+        if positions is None and cfg.n_axes == 1:
+            positions = (
+                torch.arange(L, device=x.device)
+                if cache is None
+                else cache.next_positions(L, x.device)
+            )
+        if positions is not None:
+            positions = torch.as_tensor(positions, device=x.device)
+        shape = (L,) if cfg.n_axes == 1 else (L, cfg.n_axes)
+        if positions is None or positions.shape != shape:
+            got = None if positions is None else tuple(positions.shape)
+            raise ValueError(
+                f"positions must have shape (L,) = ({L},), got {got}"
+                if cfg.n_axes == 1
+                else f"a grid layer needs positions of shape (L, A) = {shape}, "
+                f"got {got}"
+            )
+        if has_position is not None:
+            has_position = torch.as_tensor(has_position, device=x.device)
+        if cache is not None and cfg.causal and len(cache) and L:
+            last, first = int(cache.positions.max()), int(positions.min())
+            if first <= last:
+                raise ValueError(
+                    "with a causal KV cache, new positions must come after the cached "
+                    f"ones: the cache ends at position {last}, got {first} (a cached "
+                    "key at or after a query's position would lie in its future)"
+                )
+        S = L + (0 if cache is None else len(cache))
+        if key_mask is not None and (
+            not isinstance(key_mask, Tensor)
+            or key_mask.dtype != torch.bool
+            or key_mask.shape != (B, S)
+        ):
+            got = (
+                (key_mask.dtype, tuple(key_mask.shape))
+                if isinstance(key_mask, Tensor)
+                else type(key_mask).__name__
+            )
+            raise ValueError(
+                "key_mask must be a boolean tensor of shape (B, S) = "
+                f"({B}, {S}) (cached and new keys), got {got}"
+            )
+        return positions, has_position

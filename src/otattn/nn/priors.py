@@ -1,6 +1,7 @@
 r"""The GOAT prior in PyTorch: query and key lanes from integer positions.
 
-Torch twin of :mod:`otattn.spectral` for sequences and grids (book, :ref:`ch-goat`).  The log-prior
+Torch twin of :mod:`otattn.spectral` for sequences and grids (book, :ref:`ch-goat`).
+The log-prior
 
 .. math::
 
@@ -8,12 +9,13 @@ Torch twin of :mod:`otattn.spectral` for sequences and grids (book, :ref:`ch-goa
     \kappa_h(d) = \sum_r \alpha_{hr} \cos(\omega_r d) + \beta_{hr} \sin(\omega_r d),
 
 (:eq:`eq-goat-prior`, one set of weights per head :math:`h`, the sink term per key/value
-head :math:`g(h)`) is never built as a matrix by the attention: it is the dot product of
-:math:`C = 2R + 1` query and key channels (*lanes*, :eq:`eq-lanes`),
+head :math:`g(h)`) is never built as a matrix by the attention: it is the dot product
+of :math:`N_\pi = 2R + 1` query and key channels (*lanes*, :eq:`eq-lanes`),
 
 .. math::
 
-    q^{\mathrm{lane}}_h(i) = [\alpha_h c_i + \beta_h s_i,\ \alpha_h s_i - \beta_h c_i,\ 1],
+    q^{\mathrm{lane}}_h(i)
+    = [\alpha_h c_i + \beta_h s_i,\ \alpha_h s_i - \beta_h c_i,\ 1],
     \qquad k^{\mathrm{lane}}_g(j) = [c_j,\ s_j,\ u_g(j)],
 
 with :math:`c = \cos\omega p`, :math:`s = \sin\omega p`.  :func:`log_prior_from_lanes`
@@ -28,9 +30,10 @@ token) gets zero relative lanes.  The sink term of a grid sees the raster index
 ``0..S-1``, and there is no recency term (a key-linear :math:`m\,p_j` has no meaning
 without an order).
 
-Precision.  Phases :math:`\omega p` are formed from the integer positions in float64 as an
-exact sum of two floats (Dekker's product, as :func:`otattn.spectral.phase_lanes`), so
-the lanes are accurate at any position below :math:`2^{53}` (book,
+Precision.  Phases :math:`\omega p` are formed from the integer positions in float64 as
+an exact sum of two floats (Dekker's product :cite:`dekker1971floating`, as
+:func:`otattn.spectral.phase_lanes`), so the lanes are accurate at any position below
+:math:`2^{53}` (book,
 :ref:`sec-goat-phases`); everything after the phases is computed in the parameters'
 dtype promoted to at least float32, so a prior whose parameters are bfloat16 still
 forms its lanes in float32.  The lanes are cast to the model dtype only when they are
@@ -48,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from otattn import spectral
+from otattn.nn._checks import check_bool, check_choice, check_int
 
 __all__ = [
     "GoatPrior",
@@ -69,7 +73,8 @@ _MAX_POSITION = spectral._MAX_POSITION
 class Lanes:
     r"""Query and key channels whose dot products are the log-prior, :eq:`eq-lanes`.
 
-    ``query`` (H, L, C) and ``key`` (G, S, C) with G the number of key/value heads (or 1):
+    ``query`` (H, L, N_pi) and ``key`` (G, S, N_pi), :math:`N_\pi` lanes, with G the
+    number of key/value heads (or 1):
     :math:`K^h_{ij} = \langle \text{query}_{h i}, \text{key}_{g(h) j} \rangle`.
     """
 
@@ -78,7 +83,7 @@ class Lanes:
 
 
 def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tensor:
-    """Return integer positions of shape (N,), or (N, n_axes) on a grid, as int64, or raise."""
+    """Integer positions (N,), or (N, n_axes) on a grid, as int64; or ``ValueError``."""
     if (
         not isinstance(pos, Tensor)
         or pos.dtype.is_floating_point
@@ -95,7 +100,8 @@ def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tenso
         pos.ndim != 2 or pos.shape[0] == 0 or pos.shape[1] != n_axes
     ):
         raise ValueError(
-            f"{name} must have shape (N, A) = (N, {n_axes}) with N >= 1 on a grid, got {tuple(pos.shape)}"
+            f"{name} must have shape (N, A) = (N, {n_axes}) with N >= 1 on a grid, "
+            f"got {tuple(pos.shape)}"
         )
     if pos.abs().max().item() > _MAX_POSITION:
         raise ValueError(
@@ -105,18 +111,18 @@ def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tenso
 
 
 def _frequencies(R: int, base: float, device) -> Tensor:
-    """Frequencies of :func:`otattn.spectral.goat_frequencies` as a float64 tensor (R,)."""
+    """The frequencies of :func:`otattn.spectral.goat_frequencies`, float64 (R,)."""
     return torch.as_tensor(
         spectral.goat_frequencies(R, base=base), dtype=torch.float64, device=device
     )
 
 
 def phase_lanes(pos: Tensor, omega: Tensor) -> Tensor:
-    r"""Key lanes of positions: :math:`[\cos \omega_r p,\ \sin \omega_r p]_r`, in float64.
+    r"""Key lanes of positions, :math:`[\cos \omega_r p,\ \sin \omega_r p]_r`, float64.
 
-    Computed by :func:`otattn.spectral.phase_lanes` (the phase ``h + l`` formed exactly by
-    Dekker's product; book, :ref:`sec-goat-phases`) and returned as a tensor on the device
-    of ``pos``.
+    Computed by :func:`otattn.spectral.phase_lanes` (the phase ``h + l`` formed exactly
+    by Dekker's product :cite:`dekker1971floating`; book, :ref:`sec-goat-phases`) and
+    returned as a tensor on the device of ``pos``.
 
     Parameters
     ----------
@@ -169,14 +175,14 @@ def relative_lanes(
     query_has_position: Tensor | None = None,
     key_has_position: Tensor | None = None,
 ) -> Lanes:
-    r"""Lanes of the relative prior :math:`\kappa_h(p_i - p_j)`, one set of weights per head.
+    r"""Lanes of the relative prior :math:`\kappa_h(p_i - p_j)`, weights per head.
 
     :math:`k^{\mathrm{rel}}(p) = [c, s]` and
     :math:`q^{\mathrm{rel}}_h(p) = [\alpha_h c + \beta_h s,\ \alpha_h s - \beta_h c]`,
     :eq:`eq-lanes`; torch twin of :func:`otattn.spectral.relative_lanes`, with a leading
-    head axis on the weights.  On an A-axis grid these are formed per axis :math:`a` from
-    :math:`p_a` with :math:`\alpha_{ha}, \beta_{ha}` and concatenated axis after axis, so
-    the dot product is the sum of the axes' priors, :eq:`eq-goat-2d`.
+    head axis on the weights.  On an A-axis grid these are formed per axis :math:`a`
+    from :math:`p_a` with :math:`\alpha_{ha}, \beta_{ha}` and concatenated axis after
+    axis, so the dot product is the sum of the axes' priors, :eq:`eq-goat-2d`.
 
     Parameters
     ----------
@@ -196,26 +202,25 @@ def relative_lanes(
     """
     if alpha.ndim not in (2, 3) or alpha.shape != beta.shape or 0 in alpha.shape[1:]:
         raise ValueError(
-            f"alpha and beta must share a shape (H, R), or (H, A, R) on a grid, got {tuple(alpha.shape)} and {tuple(beta.shape)}"
+            "alpha and beta must share a shape (H, R), or (H, A, R) on a grid, "
+            f"got {tuple(alpha.shape)} and {tuple(beta.shape)}"
         )
     grid = alpha.ndim == 3
     n_axes = alpha.shape[1] if grid else 1
-    query_pos = _check_positions(
-        query_pos, "query_pos", n_axes if grid else None
-    ).reshape(-1, n_axes)  # (L, A)
-    key_pos = _check_positions(key_pos, "key_pos", n_axes if grid else None).reshape(
-        -1, n_axes
-    )  # (S, A)
+    axes = n_axes if grid else None
+    # positions as (L, A) and (S, A), with A = 1 for sequences
+    query_pos = _check_positions(query_pos, "query_pos", axes).reshape(-1, n_axes)
+    key_pos = _check_positions(key_pos, "key_pos", axes).reshape(-1, n_axes)
     q_on = _has_position(query_has_position, query_pos.shape[0], "query_has_position")
     k_on = _has_position(key_has_position, key_pos.shape[0], "key_has_position")
     dtype = _compute_dtype(alpha)
     omega = _frequencies(alpha.shape[-1], base, alpha.device)
-    alpha, beta = (
-        w.to(dtype).reshape(w.shape[0], n_axes, -1) for w in (alpha, beta)
-    )  # (H, A, R)
+    # weights as (H, A, R)
+    alpha, beta = (w.to(dtype).reshape(w.shape[0], n_axes, -1) for w in (alpha, beta))
     q_parts, k_parts = [], []
     for ax in range(n_axes):
-        # contiguous: a broadcast product with a strided (L, R) view is ~100x slower on CPU (torch 2.13)
+        # contiguous: a broadcast product with a strided (L, R) view is ~100x slower
+        # on CPU (torch 2.13)
         cq, sq = (
             t.contiguous()
             for t in phase_lanes(query_pos[:, ax], omega).to(dtype).chunk(2, dim=1)
@@ -239,15 +244,15 @@ def sink_features(
     base: float = 10_000.0,
     log_position: bool = False,
 ) -> Tensor:
-    r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`, float64 (S, F).
+    r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`.
 
-    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`; F = 2 n_freq + 1.
-    With ``log_position=True`` a last feature :math:`\log(1 + p)/\log(1 + \text{length})`
-    follows (F = 2 n_freq + 2; the feature set of the authors' package, see
-    :func:`otattn.nn.convert.goat_to_otattn`); it needs positions :math:`p \ge 0`.
+    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`; float64,
+    shape (S, F) with F = 2 n_freq + 1.  With ``log_position=True`` a last feature
+    :math:`\log(1 + p)/\log(1 + \text{length})` follows (F = 2 n_freq + 2; the feature
+    set of the authors' package, see :func:`otattn.nn.convert.goat_to_otattn`); it
+    needs positions :math:`p \ge 0`.
     """
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive integer, got {length!r}")
+    length = check_int(length, "length")
     nu = _frequencies(n_freq, base, key_pos.device)
     pos = _check_positions(key_pos, "key_pos")
     columns = [phase_lanes(pos, nu), pos.to(torch.float64)[:, None] / float(length)]
@@ -258,7 +263,8 @@ def sink_features(
     return torch.cat(columns, dim=1)
 
 
-# The sink MLP's hidden nonlinearity: ours is tanh (bounded); the authors' package uses SiLU.
+# The sink MLP's hidden nonlinearity: ours is tanh (bounded); the authors' package uses
+# SiLU.
 _SINK_ACTIVATIONS = {"tanh": torch.tanh, "silu": torch.nn.functional.silu}
 
 
@@ -276,14 +282,20 @@ def sink_term(
     log_position: bool = False,
     bump: Tensor | None = None,
 ) -> Tensor:
-    r"""Key-only sink term per key/value head: :math:`u_g(p) = w_{\mathrm{out},g}^\top \sigma(W_{\mathrm{in},g}\phi(p) + b_{\mathrm{in},g}) + b_g [p = 0] + m_g (p - p_0)`.
+    r"""Key-only sink term :math:`u_g(p)` per key/value head :math:`g`.
+
+    .. math::
+
+        u_g(p) = w_{\mathrm{out},g}^\top
+        \sigma(W_{\mathrm{in},g}\phi(p) + b_{\mathrm{in},g})
+        + \eta_g [p = 0] + m_g (p - p_0).
 
     Torch twin of :func:`otattn.spectral.sink_term` with a leading head axis,
-    :eq:`eq-sink-term`, where :math:`\sigma = \tanh` and there is no bump.  ``key_origin``
-    :math:`p_0` (default 0) shifts the recency term by :math:`-m_g p_0`, the same constant
-    for every query and key: a row constant, which changes no attention weight
-    (:eq:`eq-row-shift`) but keeps the lane small near :math:`p_0` where low-precision
-    kernels need it (DESIGN §2.5b).
+    :eq:`eq-sink-term`, where :math:`\sigma = \tanh` and there is no bump
+    :math:`\eta_g`.  ``key_origin`` :math:`p_0` (default 0) shifts the recency term by
+    :math:`-m_g p_0`, the same constant for every query and key: a row constant, which
+    changes no attention weight (:eq:`eq-row-shift`) but keeps the lane small near
+    :math:`p_0` where low-precision kernels need it (book, :ref:`sec-torch-precision`).
 
     Parameters
     ----------
@@ -301,9 +313,11 @@ def sink_term(
     activation : {"tanh", "silu"}, default "tanh"
         The hidden nonlinearity :math:`\sigma`.
     log_position : bool, default False
-        Append the feature :math:`\log(1 + p)/\log(1 + \text{length})` (see :func:`sink_features`).
+        Append the feature :math:`\log(1 + p)/\log(1 + \text{length})` (see
+        :func:`sink_features`).
     bump : Tensor, shape (G,), optional
-        Extra log-prior :math:`b_g` of the key at position 0 (an explicit first-token sink).
+        Extra log-prior :math:`\eta_g` of the key at position 0 (an explicit first-token
+        sink).
 
     Returns
     -------
@@ -318,13 +332,11 @@ def sink_term(
         or w_out.shape != w_in.shape[:2]
     ):
         raise ValueError(
-            f"sink weights must be w_in (G, Hs, 2n+{extra}), b_in (G, Hs), w_out (G, Hs); got "
-            f"{tuple(w_in.shape)}, {tuple(b_in.shape)}, {tuple(w_out.shape)}"
+            f"sink weights must be w_in (G, Hs, 2n+{extra}), b_in (G, Hs), "
+            f"w_out (G, Hs); got {tuple(w_in.shape)}, {tuple(b_in.shape)}, "
+            f"{tuple(w_out.shape)}"
         )
-    if activation not in _SINK_ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {activation!r}"
-        )
+    activation = check_choice(activation, "activation", tuple(_SINK_ACTIVATIONS))
     dtype = _compute_dtype(w_in)
     features = sink_features(
         key_pos,
@@ -346,7 +358,7 @@ def sink_term(
 
 
 def _first_key_bump(bump: Tensor, key_pos: Tensor, dtype: torch.dtype) -> Tensor:
-    """``b_g [p_j = 0]``, (G, S): extra log-prior on the key at position 0."""
+    """``eta_g [p_j = 0]``, (G, S): extra log-prior on the key at position 0."""
     if bump.ndim != 1:
         raise ValueError(f"bump must have shape (G,), got {tuple(bump.shape)}")
     first = (_check_positions(key_pos, "key_pos") == 0).to(dtype)
@@ -356,7 +368,7 @@ def _first_key_bump(bump: Tensor, key_pos: Tensor, dtype: torch.dtype) -> Tensor
 def _recency(
     slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torch.dtype
 ) -> Tensor:
-    """``m_g (p_j - p_0)``, (G, S): the offset is an exact integer before it is scaled."""
+    """``m_g (p_j - p_0)``, (G, S): the offset is an exact integer when it is scaled."""
     if slope.ndim != 1:
         raise ValueError(f"slope must have shape (G,), got {tuple(slope.shape)}")
     offset = _check_positions(key_pos, "key_pos") - (
@@ -366,28 +378,31 @@ def _recency(
 
 
 def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
-    r"""All :math:`C = 2AR + 1` lanes: query :math:`[q^{\mathrm{rel}}, 1]`, key :math:`[k^{\mathrm{rel}}, u]`, :eq:`eq-lanes`.
+    r"""All :math:`N_\pi = 2AR + 1` lanes, :eq:`eq-lanes`.
 
-    A = 1 for sequences, A axes on a grid (:eq:`eq-goat-2d`).
+    Query :math:`[q^{\mathrm{rel}}, 1]`, key :math:`[k^{\mathrm{rel}}, u]`; A = 1 for
+    sequences, A axes on a grid (:eq:`eq-goat-2d`).
 
     Parameters
     ----------
     rel : Lanes
         From :func:`relative_lanes`: ``query`` (H, L, 2AR), ``key`` (1, S, 2AR).
     u : Tensor, shape (G, S), optional
-        Sink term per key/value head (:func:`sink_term`); ``None`` means :math:`u = 0`.
+        Sink term per key/value head (:func:`sink_term`); ``None`` means
+        :math:`u = 0`.
 
     Returns
     -------
     Lanes
-        ``query`` (H, L, C) and ``key`` (G, S, C), G = 1 when ``u`` is ``None``.
+        ``query`` (H, L, N_pi) and ``key`` (G, S, N_pi), G = 1 when ``u`` is ``None``.
     """
     H, L, _ = rel.query.shape
     S = rel.key.shape[1]
     u = rel.key.new_zeros(1, S) if u is None else u.to(rel.key.dtype)
     if u.ndim != 2 or u.shape[1] != S:
         raise ValueError(f"u must have shape (G, S={S}), got {tuple(u.shape)}")
-    # Written into new tensors rather than torch.cat of broadcast views, which ran slower on CPU (torch 2.13).
+    # Written into new tensors rather than torch.cat of broadcast views, which ran
+    # slower on CPU (torch 2.13).
     query = torch.nn.functional.pad(rel.query, (0, 1), value=1.0)
     key = rel.key.new_empty(u.shape[0], S, rel.key.shape[-1] + 1)
     key[..., :-1] = rel.key
@@ -396,11 +411,15 @@ def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
 
 
 def log_prior_from_lanes(lanes: Lanes) -> Tensor:
-    r"""The materialised log-prior :math:`K^h_{ij} = \langle q^{\mathrm{lane}}_{hi}, k^{\mathrm{lane}}_{g(h)j}\rangle`, (H, L, S).
+    r"""The materialised log-prior (H, L, S), :eq:`eq-goat-prior`.
 
-    The einsum of the lanes the attention uses, nothing else (:eq:`eq-goat-prior`); key
-    head g serves the H/G query heads ``g*H/G, ..., (g+1)*H/G - 1``.  For plots and tests:
-    it builds an L x S tensor per head.  No causal mask is added.
+    .. math::
+
+        K^h_{ij} = \langle q^{\mathrm{lane}}_{hi}, k^{\mathrm{lane}}_{g(h)j}\rangle,
+
+    the einsum of the lanes the attention uses, nothing else; key head g serves the H/G
+    query heads ``g*H/G, ..., (g+1)*H/G - 1``.  For plots and tests: it builds an
+    L x S tensor per head.  No causal mask is added.
     """
     H, G = lanes.query.shape[0], lanes.key.shape[0]
     if H % G:
@@ -410,35 +429,42 @@ def log_prior_from_lanes(lanes: Lanes) -> Tensor:
 
 
 def alibi_slopes(n_head: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    r"""ALiBi's slopes :math:`m_h = 2^{-8h/H}`, :math:`h = 1, \dots, H` :cite:`press2022alibi`, shape (H,)."""
+    r"""ALiBi's slopes :math:`m_h = 2^{-8h/H}`, :math:`h = 1, \dots, H`, shape (H,).
+
+    From :cite:`press2022alibi`; ``n_head`` must be a positive integer.
+    """
+    n_head = check_int(n_head, "n_head")
     return torch.tensor(
         [2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)], dtype=dtype
     )
 
 
 class GoatPrior(nn.Module):
-    r"""Trainable GOAT prior of one attention layer: :math:`\alpha, \beta` per head, a sink per key/value head.
+    r"""Trainable GOAT prior of one layer: weights per head, a sink per key/value head.
 
     Parameters (all float32 at construction): ``alpha``, ``beta`` (H, R), or (H, A, R)
     on an A-axis grid (``n_axes = A > 1``, so that ``alpha[h]`` is the (A, R) weight of
-    :class:`otattn.spectral.GoatParams`); with
-    ``sink_hidden > 0`` the sink MLP ``w_in`` (G, Hs, F), ``b_in``, ``w_out`` (G, Hs), with
-    F = 2 sink_freq + 1 features (+1 with ``sink_log_position``); with ``sink_bump=True``
-    the first-key bump ``bump`` (G,); with ``recency=True`` the slope ``slope`` (G,).
-    G = ``n_kv_head``: under grouped-query attention a key/value head's sink lane serves
-    its whole group.  :func:`sink_term` gives the formula; ``sink_activation``,
-    ``sink_log_position`` and ``sink_bump`` select its variants (the authors' package uses
-    ``"silu"``, ``True``, ``True``), and ``sink_base`` (default ``base``) its frequencies.
+    :class:`otattn.spectral.GoatParams`); with ``sink_hidden > 0`` the sink MLP ``w_in``
+    (G, Hs, F), ``b_in``, ``w_out`` (G, Hs), with F = 2 sink_freq + 1 features (+1 with
+    ``sink_log_position``); with ``sink_bump=True`` the first-key bump ``bump`` (G,);
+    with ``recency=True`` the slope ``slope`` (G,).  G = ``n_kv_head``: under
+    grouped-query attention a key/value head's sink lane serves its whole group.
+    :func:`sink_term` gives the formula; ``sink_activation``, ``sink_log_position`` and
+    ``sink_bump`` select its variants (the authors' package uses ``"silu"``, ``True``,
+    ``True``), and ``sink_base`` (default ``base``) its frequencies.  Integer arguments
+    must be ``int``, flags ``True`` or ``False``: anything else raises ``ValueError``.
 
-    On a grid (:eq:`eq-goat-2d`) the prior takes positions of shape (N, A), its sink term
-    sees the raster index ``0..S-1`` as :func:`otattn.spectral.goat_lanes` does, and
-    ``recency=True`` is refused: a key-linear term :math:`m\,p_j` needs an order of the keys.
+    On a grid (:eq:`eq-goat-2d`) the prior takes positions of shape (N, A), its sink
+    term sees the raster index ``0..S-1`` as :func:`otattn.spectral.goat_lanes` does,
+    and ``recency=True`` is refused: a key-linear term :math:`m\,p_j` needs an order of
+    the keys.
 
     ``init="uniform"``: :math:`\alpha = \beta = 0`, ``w_out = 0``, ``bump = 0``,
     ``slope = 0``, so :math:`K = 0` and the layer starts as standard attention.
-    ``init="alibi"`` (needs ``recency=True``): the same with ``slope`` :math:`= 2^{-8g/G}`,
-    which under the causal mask is ALiBi (:eq:`eq-alibi-key-linear`).  ``w_in`` is drawn
-    from :math:`\mathcal N(0, 1/F)` so that the sink can learn once ``w_out`` moves.
+    ``init="alibi"`` (needs ``recency=True``): the same with ``slope``
+    :math:`= 2^{-8g/G}`, which under the causal mask is ALiBi
+    (:eq:`eq-alibi-key-linear`).  ``w_in`` is drawn from :math:`\mathcal N(0, 1/F)` so
+    that the sink can learn once ``w_out`` moves.
     """
 
     def __init__(
@@ -460,31 +486,27 @@ class GoatPrior(nn.Module):
         n_axes: int = 1,
     ) -> None:
         super().__init__()
-        G = n_head if n_kv_head is None else n_kv_head
-        for value, name in (
-            (n_head, "n_head"),
-            (rank, "rank"),
-            (G, "n_kv_head"),
-            (sink_freq, "sink_freq"),
-            (length, "length"),
-            (n_axes, "n_axes"),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        n_head, rank = check_int(n_head, "n_head"), check_int(rank, "rank")
+        G = check_int(n_head if n_kv_head is None else n_kv_head, "n_kv_head")
+        sink_hidden = check_int(sink_hidden, "sink_hidden", minimum=0)
+        sink_freq = check_int(sink_freq, "sink_freq")
+        length, n_axes = check_int(length, "length"), check_int(n_axes, "n_axes")
+        recency = check_bool(recency, "recency")
+        sink_log_position = check_bool(sink_log_position, "sink_log_position")
+        sink_bump = check_bool(sink_bump, "sink_bump")
         if n_head % G:
             raise ValueError(f"n_head={n_head} must be a multiple of n_kv_head={G}")
-        if init not in ("uniform", "alibi"):
-            raise ValueError(f"init must be 'uniform' or 'alibi', got {init!r}")
+        init = check_choice(init, "init", ("uniform", "alibi"))
+        sink_activation = check_choice(
+            sink_activation, "sink_activation", tuple(_SINK_ACTIVATIONS)
+        )
         if n_axes > 1 and recency:
             raise ValueError(
-                f"recency=True adds a key-linear term m p_j, which has no meaning on a grid (n_axes={n_axes}): pass recency=False"
+                "recency=True adds a key-linear term m p_j, which has no meaning on a "
+                f"grid (n_axes={n_axes}): pass recency=False"
             )
         if init == "alibi" and not recency:
             raise ValueError("init='alibi' seeds the recency slope: pass recency=True")
-        if sink_activation not in _SINK_ACTIVATIONS:
-            raise ValueError(
-                f"sink_activation must be one of {sorted(_SINK_ACTIVATIONS)}, got {sink_activation!r}"
-            )
         sink_base = base if sink_base is None else sink_base
         spectral.goat_frequencies(rank, base=base)  # validates base
         spectral.goat_frequencies(sink_freq, base=sink_base)  # validates sink_base
@@ -498,7 +520,7 @@ class GoatPrior(nn.Module):
         self.n_axes = n_axes
         self.sink_activation, self.sink_log_position, self.sink_base = (
             sink_activation,
-            bool(sink_log_position),
+            sink_log_position,
             float(sink_base),
         )
         weight_shape = (n_head, rank) if n_axes == 1 else (n_head, n_axes, rank)
@@ -519,7 +541,7 @@ class GoatPrior(nn.Module):
 
     @property
     def n_lanes(self) -> int:
-        """C = 2AR + 1 channels taken from the head (A = ``n_axes``)."""
+        """The number of lanes, :math:`N_\\pi = 2AR + 1` (A = ``n_axes``)."""
         return 2 * self.n_axes * self.rank + 1
 
     def lanes(
@@ -531,13 +553,13 @@ class GoatPrior(nn.Module):
         query_has_position: Tensor | None = None,
         key_has_position: Tensor | None = None,
     ) -> Lanes:
-        r"""Query lanes (H, L, C) and key lanes (G, S, C) at integer positions, :eq:`eq-lanes`.
+        r"""Query lanes (H, L, N_pi) and key lanes (G, S, N_pi) at integer positions.
 
-        Positions have shape (L,) and (S,), or (L, A) and (S, A) on a grid
-        (:eq:`eq-goat-2d`).  ``query_has_position`` (L,) and ``key_has_position`` (S,),
-        boolean, mark tokens without a position (class tokens) by ``False``: their
-        relative lanes are zero (:func:`relative_lanes`).  ``key_origin`` shifts the
-        recency term by a constant (see :func:`sink_term`).
+        The lanes of :eq:`eq-lanes`.  Positions have shape (L,) and (S,), or (L, A) and
+        (S, A) on a grid (:eq:`eq-goat-2d`).  ``query_has_position`` (L,) and
+        ``key_has_position`` (S,), boolean, mark tokens without a position (class
+        tokens) by ``False``: their relative lanes are zero (:func:`relative_lanes`).
+        ``key_origin`` shifts the recency term by a constant (see :func:`sink_term`).
         """
         rel = relative_lanes(
             self.alpha,
@@ -549,9 +571,8 @@ class GoatPrior(nn.Module):
             key_has_position=key_has_position,
         )
         dtype, S = rel.key.dtype, rel.key.shape[1]
-        if (
-            self.n_axes > 1
-        ):  # the sink term of a grid sees the raster index, as spectral.goat_lanes
+        # the sink term of a grid sees the raster index, as spectral.goat_lanes
+        if self.n_axes > 1:
             key_pos = torch.arange(S, device=key_pos.device)
         if self.w_in is not None:
             u = sink_term(
@@ -584,7 +605,7 @@ class GoatPrior(nn.Module):
         query_has_position: Tensor | None = None,
         key_has_position: Tensor | None = None,
     ) -> Lanes:
-        """The lanes, :meth:`lanes`: calling the module gives what the attention consumes."""
+        """The lanes, :meth:`lanes`: calling the module gives what attention uses."""
         return self.lanes(
             query_pos,
             key_pos,
@@ -602,7 +623,10 @@ class GoatPrior(nn.Module):
         query_has_position: Tensor | None = None,
         key_has_position: Tensor | None = None,
     ) -> Tensor:
-        """The materialised log-prior (H, L, S) from :meth:`lanes` (same keywords), for plots and tests."""
+        """The materialised log-prior (H, L, S) from :meth:`lanes`, for plots and tests.
+
+        Takes the keywords of :meth:`lanes`.
+        """
         return log_prior_from_lanes(
             self.lanes(
                 query_pos,
@@ -620,7 +644,8 @@ class GoatPrior(nn.Module):
             else f"mlp({self.w_in.shape[1]}, {self.sink_activation})"
         )
         return (
-            f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, sink={sink}, "
-            f"bump={self.bump is not None}, recency={self.slope is not None}"
+            f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, rank={self.rank}, "
+            f"sink={sink}, bump={self.bump is not None}, "
+            f"recency={self.slope is not None}"
             + (f", n_axes={self.n_axes}" if self.n_axes > 1 else "")
         )

@@ -1,0 +1,159 @@
+"""A sweep: one training run per (attention variant, seed), results kept for the book.
+
+``python -m otattn sweep TASK --variants goat rope nope --seeds 0 1 2 --data-dir DIR``
+trains every pair with :func:`otattn.experiments.train.train` and the other flags of
+``python -m otattn train``.  Each run trains in ``--scratch-dir`` (its checkpoints stay
+there, out of git) and, once finished, its small results are copied to
+``DIR/<variant>-seed<seed>/``:
+
+- ``metrics.csv`` and ``run.json`` (config, versions, git commit, final metrics), as the
+  run wrote them;
+- ``prior.pt``, for the GOAT variants: the learned prior's parameters (the model's
+  state-dict entries under ``.prior.``), a few kilobytes, from which a chapter rebuilds
+  the prior (:meth:`otattn.nn.priors.GoatPrior.log_prior`).
+
+``DIR/sweep.json`` records the command, the variants, the seeds and the versions.  A
+sweep started again skips the runs already in ``DIR`` and resumes an interrupted run
+from its last checkpoint in the scratch directory, to the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shlex
+import shutil
+import sys
+
+import torch
+
+from otattn.experiments.checkpoint import atomic_write_text, provenance
+from otattn.experiments.cli_train import build_parser, config_from_args
+from otattn.experiments.config import TrainConfig
+from otattn.experiments.train import train
+from otattn.nn.denormals import flush_denormals
+from otattn.nn.registry import VARIANTS
+
+__all__ = ["PROG", "main", "run_name", "run_sweep"]
+
+PROG = "python -m otattn sweep"
+PRIOR_KEY = ".prior."  # state-dict entries of GOAT's prior modules
+
+
+def run_name(variant: str, seed: int) -> str:
+    """The folder of one run: ``<variant>-seed<seed>``."""
+    return f"{variant}-seed{seed}"
+
+
+def _finished(folder: pathlib.Path) -> bool:
+    try:
+        return json.loads((folder / "run.json").read_text())["status"] == "finished"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_sweep(
+    config: TrainConfig,
+    *,
+    variants: list[str],
+    seeds: list[int],
+    data_dir,
+    scratch_dir,
+    command: str | None = None,
+    progress: bool | None = None,
+    log=print,
+) -> list[pathlib.Path]:
+    """Train ``config`` with every variant and seed; return the result folders.
+
+    ``config.attention``, ``config.seed`` and ``config.out_dir`` are replaced per run.
+    Runs whose folder in ``data_dir`` holds a finished ``run.json`` are skipped.
+    """
+    if not variants or not seeds:
+        raise ValueError("a sweep needs at least one variant and one seed")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    data_dir, scratch_dir = pathlib.Path(data_dir), pathlib.Path(scratch_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": command,
+        "variants": list(variants),
+        "seeds": list(seeds),
+        "config": dataclasses.replace(config, out_dir=None).to_dict(),
+        **provenance(),
+    }
+    atomic_write_text(data_dir / "sweep.json", json.dumps(record, indent=2) + "\n")
+    folders = []
+    for variant in variants:
+        for seed in seeds:
+            name = run_name(variant, seed)
+            folder = data_dir / name
+            folders.append(folder)
+            if _finished(folder):
+                log(f"{name}: already finished in {folder}, skipped")
+                continue
+            work = scratch_dir / name
+            run_config = dataclasses.replace(
+                config, attention=variant, seed=seed, out_dir=str(work)
+            )
+            log(f"{name}: training in {work}")
+            result = train(
+                run_config,
+                resume=(work / "last.pt").exists(),
+                progress=progress,
+                command=command,
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            state = result.model.state_dict()
+            prior = {k: v.detach().cpu() for k, v in state.items() if PRIOR_KEY in k}
+            if prior:
+                torch.save(prior, folder / "prior.pt")
+            for file in ("metrics.csv", "run.json"):  # run.json last: "finished"
+                shutil.copyfile(work / file, folder / file)
+            log(f"{name}: final {result.final}")
+    return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m otattn sweep``: the flags of ``train`` plus the sweep's own."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(PROG)
+    parser.description = (
+        "Train a tiny GPT once per attention variant and seed "
+        "(otattn.experiments.sweep); --attention, --seed and --out-dir are set per run."
+    )
+    parser.add_argument(
+        "--variants", nargs="+", required=True, choices=VARIANTS, metavar="VARIANT"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, required=True)
+    parser.add_argument(
+        "--data-dir", required=True, help="where each run's results are kept"
+    )
+    parser.add_argument(
+        "--scratch-dir",
+        default="runs",
+        help="where runs train and keep their checkpoints (default: runs)",
+    )
+    args = parser.parse_args(argv)
+    flush_denormals()  # before the first torch operation: see its docstring
+    try:
+        config = config_from_args(args)
+        run_sweep(
+            config,
+            variants=args.variants,
+            seeds=args.seeds,
+            data_dir=args.data_dir,
+            scratch_dir=pathlib.Path(args.scratch_dir)
+            / pathlib.Path(args.data_dir).name,
+            command=f"{PROG} {shlex.join(argv)}",
+            progress=args.progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""``run_sweep``: one finished run per variant and seed, kept small, never redone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from otattn.experiments.config import TrainConfig
+from otattn.experiments.sweep import main, run_name, run_sweep
+
+TINY = dict(
+    steps=3,
+    batch_size=4,
+    block_size=8,
+    n_layer=1,
+    n_embd=16,
+    n_head=2,
+    rank=2,
+    warmup_steps=1,
+    eval_every=3,
+    eval_batches=1,
+    log_every=1,
+    checkpoint_every=3,
+)
+
+
+def test_a_sweep_keeps_metrics_run_and_goat_prior_and_skips_finished_runs(tmp_path):
+    data, scratch, lines = tmp_path / "data", tmp_path / "scratch", []
+    kwargs = dict(data_dir=data, scratch_dir=scratch, command="test", log=lines.append)
+    folders = run_sweep(
+        TrainConfig(**TINY), variants=["goat", "rope"], seeds=[0, 1], **kwargs
+    )
+    assert [f.name for f in folders] == [
+        run_name(v, s) for v in ("goat", "rope") for s in (0, 1)
+    ]
+    for folder in folders:
+        run = json.loads((folder / "run.json").read_text())
+        assert run["status"] == "finished" and run["command"] == "test"
+        assert run["config"]["attention"] == folder.name.split("-")[0]
+        assert (folder / "metrics.csv").read_text().startswith("step,")
+    prior = torch.load(data / "goat-seed0" / "prior.pt", weights_only=True)
+    assert prior and all(".prior." in key for key in prior)
+    assert not (data / "rope-seed0" / "prior.pt").exists()
+    assert not list(data.rglob("*.pt.tmp")) and not list(data.rglob("last.pt"))
+    sweep = json.loads((data / "sweep.json").read_text())
+    assert sweep["variants"] == ["goat", "rope"] and sweep["seeds"] == [0, 1]
+
+    lines.clear()
+    run_sweep(TrainConfig(**TINY), variants=["goat"], seeds=[0], **kwargs)
+    assert lines == [f"goat-seed0: already finished in {data / 'goat-seed0'}, skipped"]
+
+
+def test_a_sweep_refuses_unknown_variants_and_empty_lists(tmp_path):
+    kwargs = dict(data_dir=tmp_path, scratch_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"unknown variants \['gaot'\]"):
+        run_sweep(TrainConfig(**TINY), variants=["gaot"], seeds=[0], **kwargs)
+    with pytest.raises(ValueError, match="at least one variant and one seed"):
+        run_sweep(TrainConfig(**TINY), variants=["goat"], seeds=[], **kwargs)
+
+
+def test_the_sweep_command_needs_variants_seeds_and_a_data_dir(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["copy_mixture", "--seeds", "0"])
+    assert exit_.value.code == 2
+    assert "--variants" in capsys.readouterr().err
