@@ -108,3 +108,35 @@ def check_input_dtype(x: Tensor, dtype: torch.dtype, name: str = "x") -> None:
             f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}: "
             f"pass {name}.to({dtype}), or cast the layer with .to({x.dtype})"
         )
+
+
+def check_layer_input(x, n_embd: int, dtype: torch.dtype) -> None:
+    """Refuse a layer input that is not a (B, L, n_embd) tensor of the layer's dtype."""
+    if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != n_embd:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (B, L, n_embd={n_embd}), got {got}")
+    check_input_dtype(x, dtype)
+
+
+def check_key_mask(key_mask, B: int, S: int, *, what: str = "") -> None:
+    """Refuse a ``key_mask`` that is not a boolean (B, S) tensor; ``None`` passes.
+
+    ``what`` says which keys S counts, for the message (e.g. "cached and new keys").
+    """
+    if key_mask is None:
+        return
+    if (
+        not isinstance(key_mask, Tensor)
+        or key_mask.dtype != torch.bool
+        or key_mask.shape != (B, S)
+    ):
+        got = (
+            (key_mask.dtype, tuple(key_mask.shape))
+            if isinstance(key_mask, Tensor)
+            else type(key_mask).__name__
+        )
+        which = f" ({what})" if what else ""
+        raise ValueError(
+            f"key_mask must be a boolean tensor of shape (B, S) = ({B}, {S}){which}, "
+            f"got {got}"
+        )

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otattn.nn._checks import check_bool, check_int
+from otattn.nn._checks import check_bool, check_int, check_key_mask
 from otattn.nn.priors import Lanes
 
 __all__ = [
@@ -301,21 +301,8 @@ def lane_attention(
     (B, H, L, _), (_, G, S, _) = q.shape, k.shape
     if H % G:
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
+    check_key_mask(key_mask, B, S)
     if key_mask is not None:
-        if (
-            not isinstance(key_mask, Tensor)
-            or key_mask.dtype != torch.bool
-            or key_mask.shape != (B, S)
-        ):
-            got = (
-                (key_mask.dtype, tuple(key_mask.shape))
-                if isinstance(key_mask, Tensor)
-                else type(key_mask).__name__
-            )
-            raise ValueError(
-                "key_mask must be a boolean tensor of shape (B, S) = "
-                f"({B}, {S}), got {got}"
-            )
         # -1e4 after the kernel's scale, or the most float16 can hold (then still below
         # -1e3 for d_c < 250)
         masked = -min(-_MASKED_LOG_PRIOR / scale, torch.finfo(k.dtype).max / 4)

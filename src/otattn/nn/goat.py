@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from otattn.nn._checks import (
     check_bool,
     check_choice,
-    check_input_dtype,
     check_int,
+    check_key_mask,
+    check_layer_input,
     check_real,
     set_fields,
 )
@@ -406,12 +407,7 @@ class GoatAttention(nn.Module):
         tensors on the device of ``x``.
         """
         cfg = self.config
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != cfg.n_embd:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"x must have shape (B, L, n_embd={cfg.n_embd}), got {got}"
-            )
-        check_input_dtype(x, self.q_proj.weight.dtype)
+        check_layer_input(x, cfg.n_embd, self.q_proj.weight.dtype)
         B, L, _ = x.shape
         if cache is not None:
             self._refuse_cache()
@@ -452,18 +448,5 @@ class GoatAttention(nn.Module):
                     "key at or after a query's position would lie in its future)"
                 )
         S = L + (0 if cache is None else len(cache))
-        if key_mask is not None and (
-            not isinstance(key_mask, Tensor)
-            or key_mask.dtype != torch.bool
-            or key_mask.shape != (B, S)
-        ):
-            got = (
-                (key_mask.dtype, tuple(key_mask.shape))
-                if isinstance(key_mask, Tensor)
-                else type(key_mask).__name__
-            )
-            raise ValueError(
-                "key_mask must be a boolean tensor of shape (B, S) = "
-                f"({B}, {S}) (cached and new keys), got {got}"
-            )
+        check_key_mask(key_mask, B, S, what="cached and new keys")
         return positions, has_position

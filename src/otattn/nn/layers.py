@@ -45,6 +45,7 @@ from otattn.nn._checks import (
     check_choice,
     check_input_dtype,
     check_int,
+    check_layer_input,
     check_real,
     set_fields,
 )
@@ -319,12 +320,7 @@ class SelfAttention(nn.Module):
     def _check_input(self, x, positions, cache) -> Tensor:
         """Raise ``ValueError`` on bad input; return the positions as int64 (L,)."""
         cfg = self.config
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != cfg.n_embd:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"x must have shape (B, L, n_embd={cfg.n_embd}), got {got}"
-            )
-        check_input_dtype(x, self.q_proj.weight.dtype)
+        check_layer_input(x, cfg.n_embd, self.q_proj.weight.dtype)
         B, L, _ = x.shape
         if cache is not None and (
             not isinstance(cache, SelfAttentionCache)
