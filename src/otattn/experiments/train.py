@@ -426,7 +426,8 @@ class _Run:
             if evaluating or self.step % cfg.log_every == 0:
                 speed = (self.step - marked_step) * tokens_per_step / (now - mark)
                 self.log(lr, speed, evaluating)
-                mark, marked_step = now, self.step
+                # Restart the clock after the evaluation: tokens/s is training speed.
+                mark, marked_step = time.perf_counter(), self.step
                 loss = self.history[-1]["train_loss"]
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
             if self.files and (self.step % cfg.checkpoint_every == 0 or last):
