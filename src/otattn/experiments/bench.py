@@ -25,11 +25,38 @@ Every attention method below computes causal attention with the same GOAT log-pr
   ``L x L`` weights).  Its query projection is ``E -> H D`` where ours is
   ``E -> H d_c``.
 
+Peaked attention (book, :ref:`sec-speed-denormals`): attention weights
+:math:`e^{s_{ij} - \max_k s_{ik}}` in float32's denormal range, which some CPUs compute
+with far more slowly.  The priors above are moderate (only the steepest recency slopes
+of ``goat``'s prior reach that range, in rows of about 2000 keys and more); these
+methods are peaked:
+
+- ``goat_alibi``: ``goat`` with the prior at ``init="alibi"`` (relative weights and
+  sink output zero, recency slopes :math:`2^{-8h/H}`: ALiBi).
+- ``goat_sharp``: ``goat`` with a sharp, trained-like prior: ALiBi's slopes and
+  relative weights :math:`\alpha, \beta \sim \mathcal N(0, 10^2)`, so that every head
+  has weights in the denormal range (``SHARP_WEIGHT_STD``).
+- ``plain_layer``: :class:`otattn.nn.layers.SelfAttention` without a positional
+  encoding (``position="nope"``), causal, of the same width and heads: the floor of
+  the layers.
+- ``goat_layer``, ``goat_layer_alibi``, ``goat_layer_sharp``:
+  :class:`otattn.nn.goat.GoatAttention` with its default configuration at the same
+  width, heads and rank, at ``init="uniform"`` (not peaked), at ``init="alibi"``, and
+  with the sharp prior of ``goat_sharp``.
+
 Times are medians over repeats after one warm-up call per method; within a repeat the
-methods run one after the other in an order rotated from repeat to repeat, and the ratio
-to ``sdpa`` is the median of the per-repeat ratios.  ``fwd`` runs under
-``torch.no_grad()``; ``fwd_bwd`` is one forward and one backward with a fixed output
-gradient.
+methods run one after the other in an order rotated from repeat to repeat.  The ratio
+to ``sdpa`` is the median of the per-repeat ratios, and so is the ratio to
+``plain_layer``, when those run.  ``fwd`` runs under ``torch.no_grad()``; ``fwd_bwd``
+is one forward and one backward with a fixed output gradient.
+
+Agreement: before timing, :func:`check_agreement` compares each method's output with
+the float64 math path (explicit scores, materialised log-prior, softmax) on the same
+inputs and parameters.
+
+Denormals: the benchmark itself leaves the floating-point state alone; ``python -m
+otattn bench`` flushes denormals first (:func:`otattn.nn.denormals.flush_denormals`)
+unless told ``--keep-denormals``, and the machine description records which.
 
 Peak memory.  On CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated
 before the step.  On CPU: each (method, L) runs in a fresh Python process with a fixed
@@ -61,22 +88,28 @@ import torch
 import torch.nn.functional as F
 
 from otattn.nn._checks import check_int
+from otattn.nn.denormals import _threads_that_keep_denormals
 from otattn.nn.functional import goat_attention
 from otattn.nn.goat import GoatAttention, GoatConfig
+from otattn.nn.layers import SelfAttention, SelfAttentionConfig, attention_weights
 from otattn.nn.priors import GoatPrior, log_prior_from_lanes, relative_lanes
 
 __all__ = [
     "COLUMNS",
+    "LAYERS",
     "METHODS",
     "MODES",
+    "SHARP_WEIGHT_STD",
     "BenchConfig",
     "Case",
     "check_agreement",
+    "denormal_share",
     "make_case",
     "measure_memory",
     "read_csv",
     "run_benchmark",
     "skip_reason",
+    "step_results",
     "write_csv",
 ]
 
@@ -88,7 +121,42 @@ METHODS = (
     "flex",
     "otattn_layer",
     "goat_pkg_layer",
+    "goat_alibi",
+    "goat_sharp",
+    "plain_layer",
+    "goat_layer",
+    "goat_layer_alibi",
+    "goat_layer_sharp",
 )
+# Whole layers (input x of shape (B, L, H D)); the others are attention functions.
+LAYERS = (
+    "otattn_layer",
+    "goat_pkg_layer",
+    "plain_layer",
+    "goat_layer",
+    "goat_layer_alibi",
+    "goat_layer_sharp",
+)
+# The prior of each GOAT method: "trained" (moderate), "alibi" or "sharp".
+_PRIOR_KIND = {
+    "goat": "trained",
+    "sdpa_mask": "trained",
+    "eager": "trained",
+    "flex": "trained",
+    "goat_alibi": "alibi",
+    "goat_sharp": "sharp",
+}
+_GOAT_LAYER_INIT = {
+    "goat_layer": "uniform",
+    "goat_layer_alibi": "alibi",
+    "goat_layer_sharp": "sharp",
+}
+# The sharp prior's relative weights alpha, beta ~ N(0, SHARP_WEIGHT_STD^2): with R = 8
+# they make kappa_h(i - j) vary by tens of nats over the context, so that every head
+# (not only ALiBi's steepest) has float32-denormal weights at L >= 1024
+# (denormal_share; the book's sec-speed-denormals shows the count).  Measured when this
+# was chosen, at L = 2048: with 1, 3 or 5 the flattest heads have none or almost none.
+SHARP_WEIGHT_STD = 10.0
 MODES = ("fwd", "fwd_bwd")
 COLUMNS = (
     "method",
@@ -100,8 +168,20 @@ COLUMNS = (
     "time_min_s",
     "ratio_to_sdpa",
     "ratio_of_medians",
+    "ratio_to_plain_layer",
+    "plain_layer_ratio_of_medians",
     "peak_mem_mib",
     "note",
+)
+_NUMBER_COLUMNS = (
+    "repeats",
+    "time_median_s",
+    "time_min_s",
+    "ratio_to_sdpa",
+    "ratio_of_medians",
+    "ratio_to_plain_layer",
+    "plain_layer_ratio_of_medians",
+    "peak_mem_mib",
 )
 # The materialised methods keep about this many (B, H, L, L) tensors alive at their peak
 # in fwd_bwd (log-prior, masked log-prior, weights, and a gradient); used only to skip a
@@ -148,8 +228,13 @@ class Case:
     grad: torch.Tensor | None = None
 
 
-def _prior(cfg: BenchConfig, seed: int) -> GoatPrior:
-    """A trained-looking prior: every parameter nonzero, of moderate size."""
+def _prior(cfg: BenchConfig, seed: int, kind: str = "trained") -> GoatPrior:
+    """The prior of the GOAT methods; ``kind`` is one of ``_PRIOR_KIND``'s values.
+
+    ``"trained"``: every parameter nonzero, of moderate size (not peaked).
+    ``"alibi"``: ``init="alibi"``.  ``"sharp"``: ALiBi's slopes and relative weights of
+    standard deviation ``SHARP_WEIGHT_STD`` (``_sharpen``).
+    """
     torch.manual_seed(seed)
     prior = GoatPrior(
         cfg.n_head,
@@ -158,12 +243,69 @@ def _prior(cfg: BenchConfig, seed: int) -> GoatPrior:
         sink_freq=cfg.sink_freq,
         length=cfg.length,
         recency=True,
+        init="uniform" if kind == "trained" else "alibi",
     )
     with torch.no_grad():
-        for p in prior.parameters():
-            p.normal_(0.0, 0.3)
-        prior.slope.abs_().mul_(0.05)
+        if kind == "trained":
+            for p in prior.parameters():
+                p.normal_(0.0, 0.3)
+            prior.slope.abs_().mul_(0.05)
+        elif kind == "sharp":
+            _sharpen(prior, seed)
     return prior.to(cfg.device)
+
+
+def _sharpen(prior: GoatPrior, seed: int) -> None:
+    """Relative weights alpha, beta ~ N(0, SHARP_WEIGHT_STD^2), drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in (prior.alpha, prior.beta):
+            p.copy_(SHARP_WEIGHT_STD * torch.randn(p.shape, generator=g))
+
+
+def _layer(method: str, cfg: BenchConfig, seed: int) -> torch.nn.Module:
+    """The layer of a method in ``LAYERS`` other than ``goat_pkg_layer``."""
+    torch.manual_seed(seed)
+    E = cfg.n_head * cfg.head_dim
+    if method == "plain_layer":
+        layer = SelfAttention(SelfAttentionConfig(E, cfg.n_head, position="nope"))
+    elif method == "otattn_layer":
+        layer = GoatAttention(
+            GoatConfig(
+                n_embd=E,
+                n_head=cfg.n_head,
+                rank=cfg.rank,
+                sink_hidden=4,
+                sink_freq=cfg.sink_freq,
+                length=cfg.length,
+                recency=True,
+                sink_activation="silu",
+                sink_log_position=True,
+                sink_bump=True,
+            )
+        )
+    else:
+        init = _GOAT_LAYER_INIT[method]
+        layer = GoatAttention(
+            GoatConfig(
+                n_embd=E,
+                n_head=cfg.n_head,
+                rank=cfg.rank,
+                sink_freq=cfg.sink_freq,
+                length=cfg.length,
+                init="uniform" if init == "uniform" else "alibi",
+            )
+        )
+        if init == "sharp":
+            _sharpen(layer.prior, seed)
+    return layer.to(cfg.device, cfg.torch_dtype)
+
+
+def _layer_input(cfg: BenchConfig, L: int, seed: int) -> torch.Tensor:
+    """x (B, L, H D), drawn in float32 on the CPU (the same numbers in every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(cfg.batch, L, cfg.n_head * cfg.head_dim, generator=g)
+    return x.to(cfg.device, cfg.torch_dtype).requires_grad_()
 
 
 def _content(cfg: BenchConfig, L: int, seed: int, d_qk: int):
@@ -191,12 +333,12 @@ def make_case(method: str, L: int, cfg: BenchConfig, *, seed: int = 0) -> Case:
         return Case(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v]
         )
-    if method in ("goat", "sdpa_mask", "eager", "flex"):
+    if method in _PRIOR_KIND:
         q, k, v = _content(cfg, L, seed, cfg.d_c)
-        prior = _prior(cfg, seed)
+        prior = _prior(cfg, seed, _PRIOR_KIND[method])
         leaves = [q, k, v, *prior.parameters()]
         scale = cfg.d_c**-0.5
-    if method == "goat":
+    if method in ("goat", "goat_alibi", "goat_sharp"):
         return Case(
             lambda: goat_attention(
                 q, k, v, prior(pos, pos, key_origin=L - 1), is_causal=True
@@ -226,25 +368,11 @@ def make_case(method: str, L: int, cfg: BenchConfig, *, seed: int = 0) -> Case:
         return Case(run, leaves)
     if method == "flex":
         return _flex_case(q, k, v, prior, L, cfg, scale)
-    if method in ("otattn_layer", "goat_pkg_layer"):
-        torch.manual_seed(seed)
+    if method in LAYERS:
+        x = _layer_input(cfg, L, seed)
         E = cfg.n_head * cfg.head_dim
-        x = torch.randn(cfg.batch, L, E, device=dev, dtype=dtype, requires_grad=True)
-        if method == "otattn_layer":
-            layer = GoatAttention(
-                GoatConfig(
-                    n_embd=E,
-                    n_head=cfg.n_head,
-                    rank=cfg.rank,
-                    sink_hidden=4,
-                    sink_freq=cfg.sink_freq,
-                    length=cfg.length,
-                    recency=True,
-                    sink_activation="silu",
-                    sink_log_position=True,
-                    sink_bump=True,
-                )
-            ).to(dev, dtype)
+        if method != "goat_pkg_layer":
+            layer = _layer(method, cfg, seed)
             return Case(lambda: layer(x), [x, *layer.parameters()])
         import goat  # the authors' package: an optional peer, imported only here
 
@@ -349,26 +477,122 @@ def _step(case: Case, mode: str) -> None:
         return
     out = case.run()
     if case.grad is None:
-        case.grad = torch.randn(
-            out.shape, generator=torch.Generator().manual_seed(1)
-        ).to(out.device, out.dtype)
+        case.grad = _output_grad(out)
     out.backward(case.grad)
 
 
-def check_agreement(
-    L: int = 128, cfg: BenchConfig | None = None, *, with_flex: bool = False
-) -> dict[str, float]:
-    """Largest difference of each prior method's output from ``eager``, same seed.
+def _output_grad(out: torch.Tensor) -> torch.Tensor:
+    """The fixed gradient of the output of a ``fwd_bwd`` step (seed 1)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(out.shape, generator=g).to(out.device, out.dtype)
 
-    They compute one function: the differences are rounding.
+
+def _reference(
+    method: str, L: int, cfg: BenchConfig, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and weights (B, H, L, L) of ``method`` on the float64 math path.
+
+    The inputs and parameters of ``make_case(method, L, cfg, seed=seed)``, cast to
+    float64 on the CPU; explicit scores, log-prior and causal mask, a softmax and a
+    matmul (for a layer, :func:`otattn.nn.layers.attention_weights`, then the value
+    and output projections).  Builds L x L: for checks at small L.
+    """
+    c64 = BenchConfig(**{**cfg.__dict__, "dtype": "float64", "device": "cpu"})
+    B, H, D = cfg.batch, cfg.n_head, cfg.head_dim
+    if method in LAYERS:
+        layer, x = _layer(method, c64, seed), _layer_input(c64, L, seed).detach()
+        with torch.no_grad():
+            weights = attention_weights(layer, x)
+            v = layer.v_proj(x).view(B, L, H, D).transpose(1, 2)
+            out = layer.out_proj((weights @ v).transpose(1, 2).reshape(B, L, H * D))
+        return out, weights
+    future = torch.ones(L, L, dtype=torch.bool).triu(1)
+    if method == "sdpa":
+        q, k, v = (t.detach() for t in _content(c64, L, seed, D))
+        scores = (q @ k.transpose(-1, -2)) * D**-0.5
+    elif method in _PRIOR_KIND:
+        q, k, v = (t.detach() for t in _content(c64, L, seed, cfg.d_c))
+        prior = _prior(c64, seed, _PRIOR_KIND[method]).double()
+        pos = torch.arange(L)
+        with torch.no_grad():
+            log_prior = prior.log_prior(pos, pos, key_origin=L - 1)
+        scores = (q @ k.transpose(-1, -2)) * cfg.d_c**-0.5 + log_prior
+    else:
+        raise ValueError(f"no float64 reference for method {method!r}")
+    weights = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1)
+    return weights @ v, weights
+
+
+def check_agreement(
+    L: int = 128,
+    cfg: BenchConfig | None = None,
+    *,
+    methods=None,
+    with_flex: bool = False,
+) -> dict[str, float]:
+    """Largest difference of each method's output from the float64 math path.
+
+    The same inputs and parameters (``_reference``): the differences are the
+    rounding of the method's dtype.  ``methods`` defaults to every method but
+    ``flex`` (included when ``with_flex``) and ``goat_pkg_layer`` (another
+    package's parameterisation, compared in the book's chapter on the layer).
     """
     cfg = cfg or BenchConfig()
-    methods = ["goat", "sdpa_mask"] + (["flex"] if with_flex else [])
-    with torch.no_grad():
-        ref = make_case("eager", L, cfg).run()
-        return {
-            m: (make_case(m, L, cfg).run() - ref).abs().max().item() for m in methods
-        }
+    if methods is None:
+        methods = [m for m in METHODS if m not in ("flex", "goat_pkg_layer")]
+        methods += ["flex"] if with_flex else []
+    errors = {}
+    for m in methods:
+        with torch.no_grad():
+            out = make_case(m, L, cfg).run()
+        ref, _ = _reference(m, L, cfg)
+        errors[m] = (out.double().cpu() - ref).abs().max().item()
+    return errors
+
+
+# A float32 rounds to a denormal when it lies strictly between 2**-150 (half the
+# smallest denormal, below which it rounds to 0) and 2**-126 (the smallest normal).
+_DENORMAL_BAND = (2.0**-150, 2.0**-126)
+
+
+def denormal_share(
+    method: str, L: int, cfg: BenchConfig | None = None, *, seed: int = 0
+) -> list[float]:
+    """Per head, the share of causal attention weights that are denormal in float32.
+
+    The weights :math:`P_{ij}`, :math:`j \\le i`, of ``make_case(method, L, cfg)``
+    computed in float64 (``_reference``): the share with :math:`2^{-150} < P_{ij}
+    < 2^{-126}`, which round to float32 denormals, of the :math:`L(L+1)/2` weights of
+    a head.  These are the numbers a float32 kernel's backward, which recomputes the
+    weights, computes with.  Counted in float64, so the answer does not depend on
+    whether this process flushes denormals.  Builds L x L.
+    """
+    cfg = cfg or BenchConfig()
+    _, weights = _reference(method, L, cfg, seed=seed)
+    low, high = _DENORMAL_BAND
+    denormal = (weights > low) & (weights < high)
+    n_causal = L * (L + 1) / 2
+    return (denormal.sum(dim=(0, 2, 3)) / (cfg.batch * n_causal)).tolist()
+
+
+def step_results(
+    method: str, L: int, cfg: BenchConfig | None = None, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Output and gradients of one timed ``fwd_bwd`` step of ``method`` at ``L``.
+
+    The inputs of ``make_case(method, L, cfg, seed=seed)`` and the benchmark's fixed
+    output gradient; keys ``"out"`` and ``"grad_<i>"`` for the i-th leaf that gets a
+    gradient (inputs first, then parameters).  To compare what the timed step computes
+    under different settings (e.g. with and without flushing denormals).
+    """
+    case = make_case(method, L, cfg or BenchConfig(), seed=seed)
+    out = case.run()
+    out.backward(_output_grad(out))
+    results = {"out": out.detach()}
+    results.update(
+        (f"grad_{i}", t.grad) for i, t in enumerate(case.leaves) if t.grad is not None
+    )
+    return results
 
 
 def repeats_at(L: int, repeats: int) -> int:
@@ -412,26 +636,36 @@ def _time_length(L, methods, cfg, mode, repeats, log) -> dict[str, dict]:
                 times[m].append(time.perf_counter() - t0)
     finally:
         gc.enable()
+
+    def ratios(ts, base):
+        """Median of the per-repeat ratios to ``base``, and the ratio of medians."""
+        if base not in times:
+            return None, None
+        paired = statistics.median(t / b for t, b in zip(ts, times[base]))
+        return paired, statistics.median(ts) / statistics.median(times[base])
+
     for m, ts in times.items():
-        ratios = [t / s for t, s in zip(ts, times["sdpa"])] if "sdpa" in times else []
+        to_sdpa, sdpa_medians = ratios(ts, "sdpa")
+        to_layer, layer_medians = ratios(ts, "plain_layer")
         results[m] = dict(
             status="ok",
             repeats=repeats,
             time_median_s=statistics.median(ts),
             time_min_s=min(ts),
-            ratio_to_sdpa=statistics.median(ratios) if ratios else None,
-            ratio_of_medians=statistics.median(ts) / statistics.median(times["sdpa"])
-            if ratios
-            else None,
+            ratio_to_sdpa=to_sdpa,
+            ratio_of_medians=sdpa_medians,
+            ratio_to_plain_layer=to_layer,
+            plain_layer_ratio_of_medians=layer_medians,
             note="",
         )
         log(
-            f"  L={L:6d} {mode:7s} {m:15s} {results[m]['time_median_s']:9.4f} s"
-            + (f"  x{results[m]['ratio_to_sdpa']:.2f} sdpa" if ratios else "")
+            f"  L={L:6d} {mode:7s} {m:16s} {results[m]['time_median_s']:9.4f} s"
+            + ("" if to_sdpa is None else f"  x{to_sdpa:.2f} sdpa")
+            + ("" if to_layer is None else f"  x{to_layer:.2f} plain_layer")
         )
     for m, res in results.items():
         if res["status"] != "ok":
-            log(f"  L={L:6d} {mode:7s} {m:15s} {res['status']}: {res['note']}")
+            log(f"  L={L:6d} {mode:7s} {m:16s} {res['status']}: {res['note']}")
     del cases
     gc.collect()
     return results
@@ -526,6 +760,19 @@ def measure_memory(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# exp(-90) ~ 8e-40 is denormal in float32: zero exactly when the thread flushes.
+_DENORMAL_PROBE = -90.0
+
+
+def _denormal_state() -> str:
+    """Whether this process's CPU threads flush float32 denormals to zero."""
+    kept = _threads_that_keep_denormals()  # a pool-wide exp(-90)
+    if kept == 0:
+        return "flushed to zero on every thread (otattn.nn.flush_denormals)"
+    here = torch.exp(torch.tensor(_DENORMAL_PROBE)).item() != 0
+    return "kept (not flushed)" if here else "flushed on some threads only"
+
+
 def machine_description(cfg: BenchConfig) -> dict[str, str]:
     """What the numbers were measured on."""
     cpu = platform.processor() or "unknown"
@@ -553,6 +800,7 @@ def machine_description(cfg: BenchConfig) -> dict[str, str]:
             f"(N_pi={2 * cfg.rank + 1} lanes, d_c={cfg.d_c}), causal"
         ),
         load_average_start=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        denormals=_denormal_state(),
     )
     if cfg.device.startswith("cuda"):
         desc["gpu"] = torch.cuda.get_device_name()
@@ -586,11 +834,15 @@ def run_benchmark(
     agree = check_agreement(
         _AGREEMENT_L,
         cfg,
-        with_flex="flex" in methods
-        and skip_reason("flex", 0, cfg, max_bytes=0) is None,
+        methods=[
+            m
+            for m in methods
+            if m != "goat_pkg_layer" and skip_reason(m, 0, cfg, max_bytes=0) is None
+        ],
     )
-    meta["agreement"] = f"max |out - eager| at L={_AGREEMENT_L}: " + ", ".join(
-        f"{m} {d:.1e}" for m, d in agree.items()
+    meta["agreement"] = (
+        f"max |out - float64 math path| at L={_AGREEMENT_L}: "
+        + ", ".join(f"{m} {d:.1e}" for m, d in agree.items())
     )
     log(f"  {meta['agreement']}")
     rows = []
@@ -639,7 +891,9 @@ def run_benchmark(
     meta["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta["wall_time_s"] = f"{time.perf_counter() - t_start:.0f}"
     meta["memory"] = (
-        "torch.cuda.max_memory_allocated above the allocation before the step"
+        "not measured"
+        if not memory
+        else "torch.cuda.max_memory_allocated above the allocation before the step"
         if cfg.device.startswith("cuda")
         else "VmHWM minus VmRSS around one step, fresh process per (method, L), "
         "MALLOC_MMAP_THRESHOLD_=131072"
@@ -677,13 +931,6 @@ def read_csv(path) -> list[dict]:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     for row in rows:
         row["L"] = int(row["L"])
-        for c in (
-            "repeats",
-            "time_median_s",
-            "time_min_s",
-            "ratio_to_sdpa",
-            "ratio_of_medians",
-            "peak_mem_mib",
-        ):
-            row[c] = float(row[c]) if row[c] else None
+        for c in _NUMBER_COLUMNS:  # a file older than a column lacks it: None
+            row[c] = float(row[c]) if row.get(c) else None
     return rows

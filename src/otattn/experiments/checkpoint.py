@@ -240,8 +240,9 @@ def config_differences(saved: dict, current: dict, *, ignore=()) -> list[str]:
 
 
 def provenance() -> dict:
-    """Versions of otattn and torch, and the git commit of the otattn source (``None``
-    outside a git checkout) with whether tracked files differ from it (``dirty``)."""
+    """Versions of otattn and torch, torch's CPU thread count, and the git commit of the
+    otattn source (``None`` outside a git checkout) with whether tracked files differ
+    from it (``dirty``)."""
     here = pathlib.Path(otattn.__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -257,6 +258,8 @@ def provenance() -> dict:
     return {
         "otattn_version": otattn.__version__,
         "torch_version": str(torch.__version__),
+        # CPU results are bit-reproducible for one thread count, not across them.
+        "torch_threads": torch.get_num_threads(),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
     }

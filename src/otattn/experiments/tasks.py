@@ -203,33 +203,33 @@ class CopyMixture(Task):
 
     The toy task of :cite:`litman2026priors`, Fig. 1.  A sequence
     :math:`x_0, x_1, \dots, x_L` starts with ``lag`` independent uniform tokens
-    :math:`x_0, \dots, x_{\ell-1} \sim \mathrm{U}\{0..V-1\}` (:math:`\ell` = ``lag``;
-    with the default :math:`\ell = 1` that is :math:`x_0` alone), and each later token
-    :math:`x_t` (:math:`t \ge \ell`) independently is
+    :math:`x_0, \dots, x_{\Delta-1} \sim \mathrm{U}\{0..V-1\}`
+    (:math:`\Delta` = ``lag``; with the default :math:`\Delta = 1` that is :math:`x_0`
+    alone), and each later token :math:`x_t` (:math:`t \ge \Delta`) independently is
 
     .. math::
 
         x_t = \begin{cases} x_0 & \text{with probability } p_f \text{ (global copy)}\\
-        x_{t-\ell} & \text{with probability } p_p \text{ (local copy)}\\
+        x_{t-\Delta} & \text{with probability } p_p \text{ (local copy)}\\
         \mathrm{U}\{0..V-1\} & \text{with probability } p_n = 1 - p_f - p_p.
         \end{cases}
 
     The model reads :math:`x_0..x_{L-1}` and predicts :math:`x_1..x_L`.  Since the
     component is drawn afresh for every token, the best possible prediction is the
-    mixture itself, :math:`q_t(v) = p_f [v = x_0] + p_p [v = x_{t-\ell}] + p_n / V`
-    (uniform for :math:`t < \ell`), and no model beats its cross-entropy
+    mixture itself, :math:`\mu_t(v) = p_f [v = x_0] + p_p [v = x_{t-\Delta}] + p_n / V`
+    (uniform for :math:`t < \Delta`), and no model beats its cross-entropy
     (:meth:`reference`).
 
-    With :math:`\ell = 1` the local copy is the query's own input token: a causal LM
-    needs no attention for it.  With :math:`\ell = 2` the query at position
+    With :math:`\Delta = 1` the local copy is the query's own input token: a causal LM
+    needs no attention for it.  With :math:`\Delta = 2` the query at position
     :math:`t - 1` must fetch the key at :math:`t - 2`, one step back: a relative
     attention pattern at lag 1.
 
     Defaults: :math:`V = 32`, :math:`p_f = 0.3`, :math:`p_p = 0.4`, :math:`p_n = 0.3`,
-    :math:`\ell = 1`: both copy rules matter, noise is frequent enough that the optimum
-    is far from zero loss, and :math:`p_p > p_f` makes the Bayes prediction unique (the
-    local copy) when :math:`x_0 \ne x_{t-\ell}`.  The sequence length is the model's
-    context (64 in chapter 10's runs).
+    :math:`\Delta = 1`: both copy rules matter, noise is frequent enough that the
+    optimum is far from zero loss, and :math:`p_p > p_f` makes the Bayes prediction
+    unique (the local copy) when :math:`x_0 \ne x_{t-\Delta}`.  The sequence length is
+    the model's context (64 in chapter 10's runs).
 
     Parameters
     ----------
@@ -238,7 +238,7 @@ class CopyMixture(Task):
     p_first, p_prev : float
         :math:`p_f` and :math:`p_p`, with :math:`p_f + p_p \le 1`.
     lag : int
-        :math:`\ell \ge 1`, how far back the local copy reaches.
+        :math:`\Delta \ge 1`, how far back the local copy reaches.
     """
 
     vocab: int = 32
@@ -305,8 +305,8 @@ class CopyMixture(Task):
         Draws, in this order: :math:`x_0` (B,), one uniform per target for its
         component (B, L), one noise token per target (B, L).  ``marks`` holds the
         component of each target: 0 noise, 1 copy of the first, 2 local copy.  The
-        targets :math:`x_1..x_{\\ell-1}` before the mixture starts are noise (their
-        component draws are unused), so ``lag=1`` draws exactly as before the option.
+        targets :math:`x_1..x_{\\Delta-1}` before the mixture starts are noise (their
+        component draws are unused), so every lag draws the same random numbers.
         """
         B, L, V, lag = batch_size, length, self.vocab, self.lag
         first = torch.randint(V, (B, 1), generator=generator)
@@ -343,9 +343,10 @@ class CopyMixture(Task):
         r"""The local copy source of each target and where it exists.
 
         Target :math:`t` (0-based; it is :math:`x_{t+1}`) copies
-        :math:`x_{t+1-\ell}`, which is ``inputs[:, t + 1 - lag]``.  Returns that token
-        (B, L), clamped to ``inputs[:, 0]`` where :math:`t + 1 < \ell`, and a (L,)
-        boolean mask of the targets where the mixture applies (:math:`t + 1 \ge \ell`).
+        :math:`x_{t+1-\Delta}`, which is ``inputs[:, t + 1 - lag]``.  Returns that
+        token (B, L), clamped to ``inputs[:, 0]`` where :math:`t + 1 < \Delta`, and a
+        (L,) boolean mask of the targets where the mixture applies
+        (:math:`t + 1 \ge \Delta`).
         """
         L = inputs.shape[1]
         if self.lag == 1:
@@ -355,11 +356,11 @@ class CopyMixture(Task):
         return inputs[:, (t + 1 - self.lag).clamp(min=0)], valid
 
     def mixture_log_probs(self, batch: Batch) -> Tensor:
-        r"""Log of the true next-token distribution :math:`q_t`, shape (B, L, V).
+        r"""Log of the true next-token distribution :math:`\mu_t`, shape (B, L, V).
 
         The Bayes-optimal predictor: as logits, it attains :meth:`reference`'s loss.
         Tokens of probability zero (no noise) get :math:`-\infty`; the targets before
-        the mixture starts (:math:`x_1..x_{\ell-1}`) are uniform.
+        the mixture starts (:math:`x_1..x_{\Delta-1}`) are uniform.
         """
         B, L = batch.inputs.shape
         q = torch.full(
@@ -380,9 +381,9 @@ class CopyMixture(Task):
 
         ``copy_accuracy``: top-1 accuracy on the targets that were copies (marks 1 and
         2).  ``copy_mass``: the probability the model puts on the set
-        :math:`\\{x_0, x_{t-\\ell}\\}` (one token when they coincide), averaged over
-        the targets where the mixture applies (:math:`t \\ge \\ell`; all of them when
-        :math:`\\ell = 1`).
+        :math:`\\{x_0, x_{t-\\Delta}\\}` (one token when they coincide), averaged over
+        the targets where the mixture applies (:math:`t \\ge \\Delta`; all of them when
+        :math:`\\Delta = 1`).
         """
         totals = super().metric_totals(logits, batch)
         w = batch.weights.double()
@@ -411,12 +412,13 @@ class CopyMixture(Task):
         return {k: out[k] for k in self.metric_names}
 
     def coincidence(self, length: int) -> list[float]:
-        r""":math:`r_t = P(x_t = x_0)` for :math:`t = 0..L-1`: the chance that the two
-        copy sources coincide when :math:`x_{t+\ell}` is predicted.
+        r""":math:`\rho_t = P(x_t = x_0)` for :math:`t = 0..L-1`: the chance that the
+        two copy sources coincide when :math:`x_{t+\Delta}` is predicted.
 
-        :math:`r_0 = 1`, :math:`r_t = 1/V` for :math:`0 < t < \ell` (uniform tokens),
-        and :math:`r_t = p_f + p_p\, r_{t-\ell} + p_n / V` from :math:`t = \ell` on, the
-        expectation of :math:`q_t(x_0)`.
+        :math:`\rho_0 = 1`, :math:`\rho_t = 1/V` for :math:`0 < t < \Delta` (uniform
+        tokens), and :math:`\rho_t = p_f + p_p\, \rho_{t-\Delta} + p_u` with
+        :math:`p_u = p_n / V` from :math:`t = \Delta` on, the expectation of
+        :math:`\mu_t(x_0)` (book, :eq:`eq-copy-coincidence`).
         """
         a, b, c = self.p_first, self.p_prev, self.p_noise / self.vocab
         r = [1.0]
@@ -425,23 +427,24 @@ class CopyMixture(Task):
         return r
 
     def reference(self, length: int) -> dict[str, float]:
-        r"""Exact metrics of the Bayes-optimal predictor :math:`q_t`, over ``length``
+        r"""Exact metrics of the Bayes-optimal predictor :math:`\mu_t`, over ``length``
         targets.
 
-        With :math:`a = p_f`, :math:`b = p_p`, :math:`c = p_n / V`: when
-        :math:`x_0 = x_{t-\ell}` (probability :math:`r_{t-\ell}`, :meth:`coincidence`),
-        :math:`q_t` puts :math:`a + b + c` on that token and :math:`c` on the other
-        :math:`V - 1`; otherwise :math:`a + c` on :math:`x_0`, :math:`b + c` on
-        :math:`x_{t-\ell}` and :math:`c` on the other :math:`V - 2`.  The target is
-        drawn from :math:`q_t` itself, so the expected cross-entropy is the entropy of
-        :math:`q_t`, and the expected top-1 accuracy its largest probability.  On the
+        With :math:`p_u = p_n / V`: when :math:`x_0 = x_{t-\Delta}` (probability
+        :math:`\rho_{t-\Delta}`, :meth:`coincidence`), :math:`\mu_t` puts
+        :math:`p_f + p_p + p_u` on that token and :math:`p_u` on the other
+        :math:`V - 1`; otherwise :math:`p_f + p_u` on :math:`x_0`, :math:`p_p + p_u` on
+        :math:`x_{t-\Delta}` and :math:`p_u` on the other :math:`V - 2`.  The target is
+        drawn from :math:`\mu_t` itself, so the expected cross-entropy is the entropy of
+        :math:`\mu_t`, and the expected top-1 accuracy its largest probability.  On the
         copy targets the argmax is right for every copy when the sources coincide, and
-        otherwise for the more likely copy rule only: :math:`\max(a, b)` of the
-        :math:`a + b` copies.  The :math:`\ell - 1` targets before the mixture starts
-        are uniform: entropy :math:`\log V`, accuracy :math:`1/V`, no copies.
+        otherwise for the more likely copy rule only: :math:`\max(p_f, p_p)` of the
+        :math:`p_f + p_p` copies.  The :math:`\Delta - 1` targets before the mixture
+        starts are uniform: entropy :math:`\log V`, accuracy :math:`1/V`, no copies.
+        Book: :eq:`eq-copy-bayes`.
 
         Returns ``bayes_loss``, ``bayes_accuracy``, ``bayes_copy_accuracy`` and
-        ``bayes_copy_mass`` (the mass :math:`q_t` puts on the copy sources, over the
+        ``bayes_copy_mass`` (the mass :math:`\mu_t` puts on the copy sources, over the
         targets where the mixture applies), the loss and accuracy averaged over the
         ``length`` target positions.
         """
