@@ -23,9 +23,6 @@ from otattn.experiments.checkpoint import (
     save_checkpoint,
 )
 
-# Seconds a SIGKILL test waits for the training subprocess to write checkpoints.
-SUBPROCESS_TIMEOUT = 120
-
 
 def _checkpoint(seed: int, step: int = 3) -> Checkpoint:
     g = torch.Generator().manual_seed(seed)
@@ -156,12 +153,12 @@ def test_killing_a_training_run_loses_no_finished_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        # Wait for the third checkpoint however slow the machine is: the run itself
+        # (1000 steps) bounds the wait, and a run that dies early fails the poll.
         while (
             not (out / "last.pt").exists() or load_checkpoint(out / "last.pt").step < 3
         ):
             assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)

@@ -24,7 +24,6 @@ from otattn.experiments.train import TrainConfig, train
 # (measured: 1e-7 relative on the losses).  100x that is still far below any real
 # difference between runs (losses move by 1e-2 per step).
 LOSS_RTOL = 1e-5
-TIMEOUT = 240  # seconds: three Python processes start on a 2-core machine
 
 TINY = dict(
     steps=4,
@@ -71,9 +70,8 @@ def test_two_process_ddp_loss_curve_equals_one_process(tmp_path):
         *("--out-dir", str(out), "--device", "cpu", "--no-progress"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
+    # No timeout: a busy machine is slow, not wrong (the run is 4 tiny steps).
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     one = train(TrainConfig(**TINY, out_dir=str(tmp_path / "one"), device="cpu"))
     ddp, single = _losses(out / "metrics.csv"), _losses(one.out_dir / "metrics.csv")

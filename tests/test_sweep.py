@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from otattn.experiments.config import TrainConfig
-from otattn.experiments.sweep import main, run_name, run_sweep
+from otattn.experiments.sweep import (
+    load_sweep,
+    main,
+    model_with_saved_prior,
+    run_name,
+    run_sweep,
+)
 
 TINY = dict(
     steps=3,
@@ -47,9 +54,26 @@ def test_a_sweep_keeps_metrics_run_and_goat_prior_and_skips_finished_runs(tmp_pa
     sweep = json.loads((data / "sweep.json").read_text())
     assert sweep["variants"] == ["goat", "rope"] and sweep["seeds"] == [0, 1]
 
+    record, runs = load_sweep(data)
+    assert record == sweep and set(runs) == {
+        (v, s) for v in ("goat", "rope") for s in (0, 1)
+    }
+    metrics = runs["goat", 0]["metrics"]
+    assert metrics["step"].tolist() == [1.0, 2.0, 3.0]  # log_every=1, steps=3
+    loss = metrics["eval_loss"]  # evaluated at the last step only (eval_every=3)
+    assert np.isnan(loss[:2]).all() and loss[-1] > 0
+    model = model_with_saved_prior(runs["goat", 0])
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in prior.items())
+
     lines.clear()
     run_sweep(TrainConfig(**TINY), variants=["goat"], seeds=[0], **kwargs)
     assert lines == [f"goat-seed0: already finished in {data / 'goat-seed0'}, skipped"]
+    assert load_sweep(data)[0]["variants"] == ["goat", "rope"]  # the subset kept all
+
+    (data / "rope-seed1" / "run.json").unlink()
+    with pytest.raises(ValueError, match="rope-seed1 holds no finished run"):
+        load_sweep(data)
 
 
 def test_a_sweep_refuses_unknown_variants_and_empty_lists(tmp_path):

@@ -15,10 +15,14 @@ there, out of git) and, once finished, its small results are copied to
 ``DIR/sweep.json`` records the command, the variants, the seeds and the versions.  A
 sweep started again skips the runs already in ``DIR`` and resumes an interrupted run
 from its last checkpoint in the scratch directory, to the same result.
+
+A chapter reads the kept results back with :func:`load_sweep` and rebuilds a GOAT run's
+learned prior with :func:`model_with_saved_prior`.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import pathlib
@@ -26,6 +30,7 @@ import shlex
 import shutil
 import sys
 
+import numpy as np
 import torch
 
 from otattn.experiments.checkpoint import atomic_write_text, provenance
@@ -33,9 +38,18 @@ from otattn.experiments.cli_train import build_parser, config_from_args
 from otattn.experiments.config import TrainConfig
 from otattn.experiments.train import train
 from otattn.nn.denormals import flush_denormals
+from otattn.nn.models import TinyGPT
 from otattn.nn.registry import VARIANTS
 
-__all__ = ["PROG", "main", "run_name", "run_sweep"]
+__all__ = [
+    "PROG",
+    "load_sweep",
+    "main",
+    "model_with_saved_prior",
+    "read_metrics",
+    "run_name",
+    "run_sweep",
+]
 
 PROG = "python -m otattn sweep"
 PRIOR_KEY = ".prior."  # state-dict entries of GOAT's prior modules
@@ -67,7 +81,8 @@ def run_sweep(
     """Train ``config`` with every variant and seed; return the result folders.
 
     ``config.attention``, ``config.seed`` and ``config.out_dir`` are replaced per run.
-    Runs whose folder in ``data_dir`` holds a finished ``run.json`` are skipped.
+    Runs whose folder in ``data_dir`` holds a finished ``run.json`` are skipped, and
+    ``sweep.json`` keeps the variants and seeds it listed before (same config).
     """
     if not variants or not seeds:
         raise ValueError("a sweep needs at least one variant and one seed")
@@ -83,6 +98,13 @@ def run_sweep(
         "config": dataclasses.replace(config, out_dir=None).to_dict(),
         **provenance(),
     }
+    try:  # a sweep of a subset keeps the runs the folder already lists
+        before = json.loads((data_dir / "sweep.json").read_text())
+    except (OSError, ValueError):
+        before = None
+    if before is not None and before["config"] == record["config"]:
+        for key in ("variants", "seeds"):
+            record[key] = before[key] + [x for x in record[key] if x not in before[key]]
     atomic_write_text(data_dir / "sweep.json", json.dumps(record, indent=2) + "\n")
     folders = []
     for variant in variants:
@@ -113,6 +135,60 @@ def run_sweep(
                 shutil.copyfile(work / file, folder / file)
             log(f"{name}: final {result.final}")
     return folders
+
+
+def read_metrics(path) -> dict[str, np.ndarray]:
+    """A run's ``metrics.csv`` as one float array per column (empty cells are NaN)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return {
+        k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in rows[0]
+    }
+
+
+def load_sweep(folder) -> tuple[dict, dict]:
+    """The kept results of a finished sweep in ``folder``.
+
+    Returns ``(record, runs)``: ``record`` is ``sweep.json``; ``runs`` maps
+    ``(variant, seed)`` to ``{"run": run.json, "metrics": read_metrics(...), "dir":
+    folder}``.  A missing or unfinished run raises ``ValueError``.
+    """
+    folder = pathlib.Path(folder)
+    record = json.loads((folder / "sweep.json").read_text())
+    runs = {}
+    for variant in record["variants"]:
+        for seed in record["seeds"]:
+            run_dir = folder / run_name(variant, seed)
+            if not _finished(run_dir):
+                raise ValueError(f"{run_dir} holds no finished run")
+            runs[variant, seed] = {
+                "run": json.loads((run_dir / "run.json").read_text()),
+                "metrics": read_metrics(run_dir / "metrics.csv"),
+                "dir": run_dir,
+            }
+    return record, runs
+
+
+def model_with_saved_prior(run: dict) -> TinyGPT:
+    """The run's :class:`~otattn.nn.models.TinyGPT` with its kept ``prior.pt`` loaded.
+
+    ``run`` is an entry of :func:`load_sweep`.  Only the prior modules are the trained
+    ones (the sweep keeps nothing else); the other weights are a fresh initialisation,
+    so use the model for its priors, not its outputs.  Every prior parameter must load.
+    """
+    config = TrainConfig(**run["run"]["config"])
+    model = TinyGPT(config.model_config())
+    prior = torch.load(run["dir"] / "prior.pt", weights_only=True)
+    prior_keys = {k for k in model.state_dict() if PRIOR_KEY in k}
+    if set(prior) != prior_keys:
+        raise ValueError(
+            f"{run['dir'] / 'prior.pt'} does not hold exactly the model's prior "
+            f"parameters: {sorted(set(prior) ^ prior_keys)}"
+        )
+    model.load_state_dict(prior, strict=False)
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

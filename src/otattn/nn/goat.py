@@ -180,7 +180,26 @@ class GoatConfig:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
 
-class KVCache:
+class _TokenCache:
+    """What every layer's KV cache holds: the owner, and the past tokens' keys, values
+    and positions (``key`` and ``value`` with the tokens on axis 2)."""
+
+    def __init__(self, layer_id: int, batch: int, config) -> None:
+        self.layer_id, self.batch, self.config = layer_id, batch, config
+        self.key: Tensor | None = None
+        self.value: Tensor | None = None
+        self.positions: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.key is None else self.key.shape[2]
+
+    def next_positions(self, L: int, device) -> Tensor:
+        """Default positions of L new tokens: right after the largest cached one."""
+        start = 0 if self.positions is None else int(self.positions.max()) + 1
+        return torch.arange(start, start + L, device=device)
+
+
+class KVCache(_TokenCache):
     """Fused keys (content and lane channels) and values of one layer's past tokens.
 
     Made by :meth:`GoatAttention.new_cache`; ``key`` and ``value`` are (B, G, S, D),
@@ -193,20 +212,9 @@ class KVCache:
     """
 
     def __init__(self, layer_id: int, batch: int, config: GoatConfig) -> None:
-        self.layer_id, self.batch, self.config = layer_id, batch, config
-        self.key: Tensor | None = None
-        self.value: Tensor | None = None
-        self.positions: Tensor | None = None
+        super().__init__(layer_id, batch, config)
         self.sink: Tensor | None = None
         self.origin: int | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.key is None else self.key.shape[2]
-
-    def next_positions(self, L: int, device) -> Tensor:
-        """Default positions of L new tokens: right after the largest cached one."""
-        start = 0 if self.positions is None else int(self.positions.max()) + 1
-        return torch.arange(start, start + L, device=device)
 
     def append(
         self,

@@ -52,7 +52,7 @@ from otattn.nn._checks import (
 from otattn.nn.baselines import ALiBi, NoPE, RoPE
 from otattn.nn.functional import lane_attention
 from otattn.nn.gated import gate_values, sink_attention
-from otattn.nn.goat import GoatAttention
+from otattn.nn.goat import GoatAttention, _TokenCache
 from otattn.nn.priors import log_prior_from_lanes
 
 __all__ = [
@@ -127,7 +127,7 @@ class SelfAttentionConfig:
         return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
 
 
-class SelfAttentionCache:
+class SelfAttentionCache(_TokenCache):
     """Keys, values and positions of one :class:`SelfAttention` layer's past tokens.
 
     Made by :meth:`SelfAttention.new_cache`.  ``key`` and ``value`` are (B, H, S, D),
@@ -135,20 +135,6 @@ class SelfAttentionCache:
     not depend on the query (RoPE's rotation; nothing for NoPE and ALiBi): ALiBi's lane
     is re-centred on each call's last query, so it is rebuilt from the positions.
     """
-
-    def __init__(self, layer_id: int, batch: int, config: SelfAttentionConfig):
-        self.layer_id, self.batch, self.config = layer_id, batch, config
-        self.key: Tensor | None = None
-        self.value: Tensor | None = None
-        self.positions: Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.key is None else self.key.shape[2]
-
-    def next_positions(self, L: int, device) -> Tensor:
-        """Default positions of L new tokens: right after the largest cached one."""
-        start = 0 if self.positions is None else int(self.positions.max()) + 1
-        return torch.arange(start, start + L, device=device)
 
     def append(
         self, key: Tensor, value: Tensor, positions: Tensor
