@@ -401,7 +401,8 @@ _GRID_CFG = dict(n_embd=48, n_head=4, rank=2, n_axes=2)
         ),
         (
             lambda: _call_grid_layer(None),
-            r"positions of shape \(L, A\) = \(13, 2\), got None",
+            r"positions of shape \(L, A\) = \(13, 2\) or \(B, L, A\) = "
+            r"\(1, 13, 2\), got None",
         ),
         (lambda: _call_grid_layer(torch.zeros(13, 2)), "integer tensor"),
         (

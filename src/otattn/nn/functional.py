@@ -167,8 +167,9 @@ def fused_query_key(
         Content keys; G divides H (grouped-query attention when G < H).
     lanes : Lanes
         ``query`` (H, L, N_pi) and ``key`` (G or 1, S, N_pi), e.g. from
-        :meth:`otattn.nn.priors.GoatPrior.lanes`; :math:`N_\pi` lanes, the last the
-        sink lane.
+        :meth:`otattn.nn.priors.GoatPrior.lanes`, or (B, H, L, N_pi) and
+        (B, G or 1, S, N_pi) with one row per sequence (positions of shape (B, L));
+        :math:`N_\pi` lanes, the last the sink lane.
     sink_parts, rel_parts : int, default 1
         Channels that carry the last (sink) lane, and each of the others.
     scale_in_kernel : bool, default False
@@ -192,16 +193,20 @@ def fused_query_key(
             "and G must divide H"
         )
     N = lanes.query.shape[-1]  # N_pi lanes
+    batch = lanes.query.shape[:-3]  # () or, one row per sequence, (B,)
     if (
-        lanes.query.shape != (H, L, N)
-        or lanes.key.ndim != 3
-        or lanes.key.shape[0] not in (1, G)
-        or lanes.key.shape[1:] != (S, N)
+        batch not in ((), (B,))
+        or lanes.query.shape[-3:] != (H, L, N)
+        or lanes.key.shape[:-3] != batch
+        or lanes.key.ndim != lanes.query.ndim
+        or lanes.key.shape[-3] not in (1, G)
+        or lanes.key.shape[-2:] != (S, N)
     ):
         raise ValueError(
             f"lanes of shapes {tuple(lanes.query.shape)} and "
             f"{tuple(lanes.key.shape)} do not fit q {tuple(q.shape)} and k "
-            f"{tuple(k.shape)}: expected ({H}, {L}, N) and ({G} or 1, {S}, N)"
+            f"{tuple(k.shape)}: expected ({H}, {L}, N) and ({G} or 1, {S}, N), "
+            f"or ({B}, {H}, {L}, N) and ({B}, {G} or 1, {S}, N)"
         )
     sink_parts = check_int(sink_parts, "sink_parts")
     rel_parts = check_int(rel_parts, "rel_parts")
@@ -211,8 +216,8 @@ def fused_query_key(
     if rel_parts > 1:
         # key parts lane-major within each part: [all highs, all lows, ...]
         k_rel = split_lane(k_rel, dtype, rel_parts).transpose(-1, -2).flatten(-2)
-        q_rel = q_rel.repeat(1, 1, rel_parts)
-    q_sink = lanes.query[..., -1:].to(dtype).expand(H, L, sink_parts)
+        q_rel = q_rel.repeat(*[1] * (q_rel.ndim - 1), rel_parts)
+    q_sink = lanes.query[..., -1:].to(dtype).expand(*batch, H, L, sink_parts)
     u = (
         lanes.key[..., -1].to(torch.float64) * root
         if scale_in_kernel
@@ -380,7 +385,8 @@ def goat_attention(
         Values, with :math:`D = d_c + D_\pi` (:func:`fused_query_key`) so that the
         kernel sees one head size.
     lanes : Lanes
-        ``query`` (H, L, C), ``key`` (G or 1, S, C).
+        ``query`` (H, L, C), ``key`` (G or 1, S, C); or (B, H, L, C) and
+        (B, G or 1, S, C), one row per sequence.
     is_causal : bool, default False
         Queries are the last L keys: query i sees keys ``j <= S - L + i``.
     key_mask : Tensor of bool, shape (B, S), optional

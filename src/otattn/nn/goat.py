@@ -13,6 +13,10 @@ On a grid (``n_axes = 2``, :eq:`eq-goat-2d`) the layer is a ViT's attention: pos
 (row, column) per token, class tokens without a position, no causal mask, no recency
 term and no KV cache.
 
+Positions may be one row for the whole batch, (L,), or one per sequence, (B, L)
+(left-padded prompts with a key mask, sequences at different depths of a KV cache);
+the lanes then carry the batch axis, and the kernel call is the same.
+
 References: :cite:`litman2026priors`.
 """
 
@@ -182,7 +186,8 @@ class GoatConfig:
 
 class _TokenCache:
     """What every layer's KV cache holds: the owner, and the past tokens' keys, values
-    and positions (``key`` and ``value`` with the tokens on axis 2)."""
+    and positions (``key`` and ``value`` with the tokens on axis 2; ``positions`` (S,)
+    while every call gave positions (L,), (B, S) once one gave them per sequence)."""
 
     def __init__(self, layer_id: int, batch: int, config) -> None:
         self.layer_id, self.batch, self.config = layer_id, batch, config
@@ -194,19 +199,71 @@ class _TokenCache:
         return 0 if self.key is None else self.key.shape[2]
 
     def next_positions(self, L: int, device) -> Tensor:
-        """Default positions of L new tokens: right after the largest cached one."""
-        start = 0 if self.positions is None else int(self.positions.max()) + 1
-        return torch.arange(start, start + L, device=device)
+        """Default positions of L new tokens: right after the largest cached one.
+
+        (L,), or (B, L) per sequence when the cache holds positions (B, S).
+        """
+        if self.positions is None:
+            return torch.arange(L, device=device)
+        if self.positions.ndim == 1:
+            start = int(self.positions.max()) + 1
+            return torch.arange(start, start + L, device=device)
+        last = self.positions.max(dim=-1, keepdim=True).values.to(device)  # (B, 1)
+        return last + 1 + torch.arange(L, device=device)
+
+    def check_causal_order(self, positions: Tensor) -> None:
+        """Refuse new ``positions`` ((L,) or (B, L)) at or before a cached one.
+
+        Under a causal cache every new query attends to every cached key, so a cached
+        key at or after its position would lie in its future; checked per sequence.
+        """
+        if not len(self) or not positions.numel():
+            return
+        last = self.positions.max(dim=-1).values  # () or (B,)
+        first = positions.to(last.device).min(dim=-1).values
+        late = first <= last
+        if late.any():
+            b = int(late.flatten().int().argmax())
+            last, first = (t.expand(late.shape).flatten() for t in (last, first))
+            where = f" (sequence {b})" if late.ndim else ""
+            raise ValueError(
+                "with a causal KV cache, new positions must come after the cached "
+                f"ones: the cache ends at position {int(last[b])}, got "
+                f"{int(first[b])}{where} (a cached key at or after a query's position "
+                "would lie in its future)"
+            )
+
+    def _joined_positions(self, positions: Tensor) -> Tensor:
+        """The cached positions followed by ``positions``: (S,), or (B, S) if either
+        call gave them per sequence."""
+        if self.positions is None:
+            return positions
+        old, new = self.positions, positions
+        if old.ndim != new.ndim:
+            old, new = (
+                p.expand(self.batch, -1) if p.ndim == 1 else p for p in (old, new)
+            )
+        return torch.cat([old, new], dim=-1)
+
+
+def _with_batch(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b``, (G, S) or (B, G, S), both (B, G, S) if either is."""
+    if a.ndim == b.ndim:
+        return a, b
+    batch = (a if a.ndim == 3 else b).shape[0]
+    return tuple(t if t.ndim == 3 else t.expand(batch, -1, -1) for t in (a, b))
 
 
 class KVCache(_TokenCache):
-    """Fused keys (content and lane channels) and values of one layer's past tokens.
+    r"""Fused keys (content and lane channels) and values of one layer's past tokens.
 
     Made by :meth:`GoatAttention.new_cache`; ``key`` and ``value`` are (B, G, S, D),
     ``positions`` (S,), and ``sink`` (G, S) the sink lane :math:`u(p_j)` in float64,
-    with its recency term measured from ``origin``.  Every call measures recency from
-    its own last query position: the cached sink lane is shifted by the row constant
-    :math:`-m\\,(\\text{origin}' - \\text{origin})` (exact in float64) and its key
+    with its recency term measured from ``origin``, an int.  With positions per
+    sequence, ``positions`` is (B, S), ``sink`` (B, G, S) and ``origin`` (B,), one
+    per sequence.  Every call measures recency from its own last query position: the
+    cached sink lane is shifted by the row constant
+    :math:`-m\,(\text{origin}' - \text{origin})` (exact in float64) and its key
     channels are rewritten, so the lane stays small near the newest query at any depth
     (book, :ref:`sec-torch-precision`).  The spectral lanes of cached keys never change.
     """
@@ -214,7 +271,7 @@ class KVCache(_TokenCache):
     def __init__(self, layer_id: int, batch: int, config: GoatConfig) -> None:
         super().__init__(layer_id, batch, config)
         self.sink: Tensor | None = None
-        self.origin: int | None = None
+        self.origin: int | Tensor | None = None
 
     def append(
         self,
@@ -222,20 +279,24 @@ class KVCache(_TokenCache):
         value: Tensor,
         positions: Tensor,
         sink: Tensor,
-        origin: int,
+        origin: int | Tensor,
         slope: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """Store a block of keys and values; return all keys and values so far.
 
-        The block's sink lane ``sink`` (G, S_new) is measured from ``origin``.
+        The block's sink lane ``sink`` (G, S_new), or (B, G, S_new), is measured from
+        ``origin`` (an int, or (B,)).
         """
         sink = sink.detach().to(torch.float64)
         if self.key is not None:
             old = self.sink
             # re-centre: a row constant, exact in float64
-            if slope is not None and origin != self.origin:
-                shift = float(origin - self.origin)
-                old = old - slope.detach().to(torch.float64)[:, None] * shift
+            shift = origin - self.origin  # an int, or (B,)
+            if slope is not None and isinstance(shift, Tensor):
+                m = slope.detach().to(torch.float64)[:, None]  # (G, 1)
+                old = old - m * shift.to(torch.float64)[:, None, None]
+            elif slope is not None and shift:
+                old = old - slope.detach().to(torch.float64)[:, None] * float(shift)
             S_old, n = self.key.shape[2], self.config.sink_parts
             key = torch.cat([self.key, key], dim=2)
             with torch.no_grad():
@@ -245,12 +306,11 @@ class KVCache(_TokenCache):
                     old * math.sqrt(self.config.content_dim), key.dtype, n
                 )
             value = torch.cat([self.value, value], dim=2)
-            positions = torch.cat([self.positions, positions])
-            sink = torch.cat([old, sink], dim=1)
+            sink = torch.cat(_with_batch(old, sink), dim=-1)
         self.key, self.value, self.positions, self.sink, self.origin = (
             key,
             value,
-            positions,
+            self._joined_positions(positions),
             sink,
             origin,
         )
@@ -325,6 +385,13 @@ class GoatAttention(nn.Module):
                 "tokens at once: no KV cache"
             )
 
+    def _recency_origin(self, positions: Tensor) -> int | Tensor | None:
+        """Where the recency term is measured from: the last query position, an int,
+        or one per sequence, (B,), for positions (B, L); ``None`` on a grid."""
+        if self.config.n_axes > 1:
+            return None
+        return positions[:, -1] if positions.ndim == 2 else int(positions[-1])
+
     def forward(
         self,
         x: Tensor,
@@ -334,23 +401,35 @@ class GoatAttention(nn.Module):
         key_mask: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Self-attention of ``x`` (B, L, E) at integer ``positions``; out (B, L, E).
+        r"""Self-attention of ``x`` (B, L, E) at integer ``positions``; out (B, L, E).
 
         ``positions`` (L,), or (L, A) on a grid, an integer tensor or a sequence of
         ints (converted with ``torch.as_tensor``), default to ``0..L-1`` or continue
-        the cache; a grid (``n_axes = A > 1``) needs them.  ``has_position`` (L,),
-        boolean, is ``False`` at tokens without a position (class tokens), whose
-        relative prior is zero.  ``key_mask`` (B, S), ``True`` where a key may be
-        attended, covers the cached keys and the new ones.  ``x`` must have the dtype
-        of the layer's parameters.  An empty sequence (L = 0) gives an empty (B, 0, E)
-        output, as ``nn.Linear`` does, and leaves a cache unchanged.
+        the cache; a grid (``n_axes = A > 1``) needs them.  With a leading batch axis,
+        (B, L) or (B, L, A), each sequence has its own positions: left-padded prompts
+        of different lengths (pass a ``key_mask`` that hides the padding; the padding's
+        positions are then free), or sequences that continue at different depths.
+        ``has_position`` (L,) or (B, L), boolean, is ``False`` at tokens without a
+        position (class tokens), whose relative prior is zero.  ``key_mask`` (B, S),
+        ``True`` where a key may be attended, covers the cached keys and the new ones.
+        ``x`` must have the dtype of the layer's parameters.  An empty sequence (L = 0)
+        gives an empty (B, 0, E) output, as ``nn.Linear`` does, and leaves a cache
+        unchanged.
+
+        Packed sequences (several sequences in one row, positions restarting at each)
+        get the right prior within each sequence, :math:`\kappa(p_i - p_j) + u(p_j)`
+        at their own positions, but a query still attends to the earlier sequences of
+        its row: separating them needs a block-diagonal mask, an L x S tensor that the
+        fused path does not build.  Give each sequence its own row instead (left-padded,
+        with a ``key_mask``); under the causal mask the first sequence of a packed row
+        is exact.
 
         With a cache, the new tokens' keys and values are appended and the queries
         attend to all cached keys (causally: the queries are the last L keys).  So a
-        causal layer refuses new positions at or before the last cached one: those
-        cached keys would lie in the queries' future.  A non-causal layer takes any
-        positions.  Every check runs before the cache changes: a refused call leaves it
-        as it was.
+        causal layer refuses new positions at or before the last cached one of the
+        same sequence: those cached keys would lie in the queries' future.  A
+        non-causal layer takes any positions.  Every check runs before the cache
+        changes: a refused call leaves it as it was.
 
         Raises
         ------
@@ -367,8 +446,7 @@ class GoatAttention(nn.Module):
         B, L, _ = x.shape
         if L == 0:
             return self.out_proj(x.new_zeros(B, 0, cfg.n_head * cfg.dim))
-        # the recency origin: the last query (no recency term on a grid)
-        origin = int(positions[-1]) if cfg.n_axes == 1 else None
+        origin = self._recency_origin(positions)
         q = self.q_proj(x).view(B, L, cfg.n_head, self.d_c).transpose(1, 2)
         k = self.k_proj(x).view(B, L, cfg.kv_heads, self.d_c).transpose(1, 2)
         v = self.v_proj(x).view(B, L, cfg.kv_heads, cfg.dim).transpose(1, 2)
@@ -436,25 +514,22 @@ class GoatAttention(nn.Module):
             )
         if positions is not None:
             positions = torch.as_tensor(positions, device=x.device)
-        shape = (L,) if cfg.n_axes == 1 else (L, cfg.n_axes)
-        if positions is None or positions.shape != shape:
+        one = (L,) if cfg.n_axes == 1 else (L, cfg.n_axes)
+        if positions is None or positions.shape not in (one, (B, *one)):
             got = None if positions is None else tuple(positions.shape)
             raise ValueError(
-                f"positions must have shape (L,) = ({L},), got {got}"
-                if cfg.n_axes == 1
-                else f"a grid layer needs positions of shape (L, A) = {shape}, "
+                f"positions must have shape (L,) = ({L},) or (B, L) = ({B}, {L}), "
                 f"got {got}"
+                if cfg.n_axes == 1
+                else f"a grid layer needs positions of shape (L, A) = {one} or "
+                f"(B, L, A) = {(B, *one)}, got {got}"
             )
         if has_position is not None:
             has_position = torch.as_tensor(has_position, device=x.device)
-        if cache is not None and cfg.causal and len(cache) and L:
-            last, first = int(cache.positions.max()), int(positions.min())
-            if first <= last:
-                raise ValueError(
-                    "with a causal KV cache, new positions must come after the cached "
-                    f"ones: the cache ends at position {last}, got {first} (a cached "
-                    "key at or after a query's position would lie in its future)"
-                )
+            if has_position.shape == (B, L) and positions.shape == one:
+                positions = positions.expand(B, *one)  # flags per sequence
+        if cache is not None and cfg.causal:
+            cache.check_causal_order(positions)
         S = L + (0 if cache is None else len(cache))
         check_key_mask(key_mask, B, S, what="cached and new keys")
         return positions, has_position

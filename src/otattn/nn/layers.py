@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from otattn.nn._checks import (
     check_bool,
     check_choice,
-    check_input_dtype,
     check_int,
     check_layer_input,
     check_real,
@@ -131,21 +130,38 @@ class SelfAttentionCache(_TokenCache):
     """Keys, values and positions of one :class:`SelfAttention` layer's past tokens.
 
     Made by :meth:`SelfAttention.new_cache`.  ``key`` and ``value`` are (B, H, S, D),
-    ``positions`` (S,).  The keys are stored after the part of the encoding that does
-    not depend on the query (RoPE's rotation; nothing for NoPE and ALiBi): ALiBi's lane
-    is re-centred on each call's last query, so it is rebuilt from the positions.
+    ``positions`` (S,), or (B, S) once a call gave positions per sequence.  The keys
+    are stored after the part of the encoding that does not depend on the query
+    (RoPE's rotation; nothing for NoPE and ALiBi): ALiBi's lane is re-centred on each
+    call's last query, so it is rebuilt from the positions.
     """
 
     def append(
         self, key: Tensor, value: Tensor, positions: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Store a block; return all keys (B, H, S, D), values and positions (S,)."""
+        """Store a block; return all keys (B, H, S, D), values and positions.
+
+        Positions (S,), or (B, S) if any call gave them per sequence.
+        """
         if self.key is not None:
             key = torch.cat([self.key, key], dim=2)
             value = torch.cat([self.value, value], dim=2)
-            positions = torch.cat([self.positions, positions])
-        self.key, self.value, self.positions = key, value, positions
-        return key, value, positions
+        self.key, self.value = key, value
+        self.positions = self._joined_positions(positions)
+        return key, value, self.positions
+
+
+def _rotate(rope: RoPE, t: Tensor, pos: Tensor) -> Tensor:
+    """RoPE's rotation of ``t`` (B, H, N, D) at positions (N,) or (B, N).
+
+    Positions per sequence: the sequences are laid end to end as one of B N tokens,
+    rotated by :meth:`RoPE.rotate <otattn.nn.baselines.RoPE.rotate>`, and put back.
+    """
+    if pos.ndim == 1:
+        return rope.rotate(t, pos)
+    B, H, N, D = t.shape
+    flat = t.transpose(0, 1).reshape(1, H, B * N, D)
+    return rope.rotate(flat, pos.reshape(-1)).view(H, B, N, D).transpose(0, 1)
 
 
 def _pad_to(t: Tensor, width: int) -> Tensor:
@@ -210,11 +226,14 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         """Self-attention of ``x`` (B, L, E) at integer ``positions``; (B, L, E).
 
-        ``positions`` (L,), integers, default to ``0..L-1`` or continue the cache; they
-        enter the encoding only (causality is by index).  With a cache, the new keys
-        and values are appended and the queries, the last L keys, attend causally to
-        all of them; a causal layer refuses new positions at or before the cache's
-        last one.  Every check runs before the cache changes.
+        ``positions`` (L,), or (B, L) with positions per sequence, integers, default to
+        ``0..L-1`` or continue the cache; they enter the encoding only (causality is
+        by index).  With a cache, the new keys and values are appended and the
+        queries, the last L keys, attend causally to all of them; a causal layer
+        refuses new positions at or before the cache's last one (per sequence).  Every
+        check runs before the cache changes.  There is no key mask: rows of a batch
+        must be sequences of the same length (their positions may differ), and packed
+        sequences attend across their boundaries.
 
         Raises
         ------
@@ -237,7 +256,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v, key_pos = cache.append(k, v, positions)
         q, k = self._encode(q, k, positions, key_pos)
-        y = self._attend(q, k, v)
+        y = self._attend(q, k, v, positions)
         if self.gate_proj is not None:
             y = y * gate_values(x, self.gate_proj.weight.T.reshape(cfg.n_embd, H, -1))
         return self.out_proj(y.transpose(1, 2).reshape(B, L, H * D))
@@ -245,16 +264,48 @@ class SelfAttention(nn.Module):
     def _encode_keys(self, k: Tensor, positions: Tensor) -> Tensor:
         """The part of the key encoding that the cache keeps: RoPE's rotation."""
         if isinstance(self.encoding, RoPE):
-            return self.encoding.rotate(k, positions)
+            return _rotate(self.encoding, k, positions)
         return k
 
     def _encode(self, q, k, query_pos, key_pos) -> tuple[Tensor, Tensor]:
-        """Queries (scaled) and keys ready for a kernel of scale 1."""
-        if isinstance(self.encoding, RoPE):  # keys rotated by _encode_keys already
-            return self.scale * self.encoding.rotate(q, query_pos), k
-        return self.encoding(q, k, query_pos, key_pos, scale=self.scale)
+        """Queries (scaled) and keys ready for a kernel of scale 1.
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        Positions (L,) and (S,), or either per sequence, (B, L) or (B, S): then the
+        encoding (ALiBi's lane is centred on each sequence's newest query) runs
+        sequence by sequence.
+        """
+        if isinstance(self.encoding, RoPE):  # keys rotated by _encode_keys already
+            return self.scale * _rotate(self.encoding, q, query_pos), k
+        if query_pos.ndim == key_pos.ndim == 1:
+            return self.encoding(q, k, query_pos, key_pos, scale=self.scale)
+        B = q.shape[0]
+        query_pos, key_pos = query_pos.expand(B, -1), key_pos.expand(B, -1)
+        rows = [
+            self.encoding(
+                q[b : b + 1], k[b : b + 1], query_pos[b], key_pos[b], scale=self.scale
+            )
+            for b in range(B)
+        ]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def _sink_logits(self, query_pos: Tensor) -> Tensor:
+        r"""The sink logit of every query: (H, 1), or (H, L) or (B, H, L) under ALiBi.
+
+        ALiBi's lane :math:`m_h(p_j - c)` (:class:`~otattn.nn.baselines.ALiBi`) equals
+        :math:`-m_h(p_i - p_j)` plus the row constant :math:`m_h(p_i - c)`; a row
+        constant is free only while every key of the row carries it, so the virtual
+        key gets it too: :math:`\zeta_h + m_h(p_i - c)`, the lane of a key at the
+        query's own position.  Otherwise the sink's weight would depend on the centre
+        :math:`c`, the newest query of the call: on how many tokens follow.
+        """
+        zeta = self.sink_logit
+        if not isinstance(self.encoding, ALiBi):
+            return zeta
+        if query_pos.ndim == 1:
+            return zeta + self.encoding.lane(query_pos, query_pos)
+        return zeta + torch.stack([self.encoding.lane(p, p) for p in query_pos])
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, query_pos: Tensor) -> Tensor:
         """One fused SDPA call; queries are the last L of the S keys.  (B, H, L, D)."""
         causal, D = self.config.causal, v.shape[-1]
         (B, H, L, W), S = q.shape, k.shape[2]
@@ -263,12 +314,17 @@ class SelfAttention(nn.Module):
             return out[..., :D]
         if not causal or L == S:
             return sink_attention(
-                q, k, v, sink_logit=self.sink_logit, causal=causal, scale=1.0
+                q,
+                k,
+                v,
+                sink_logit=self._sink_logits(query_pos),
+                causal=causal,
+                scale=1.0,
             ).out
         # A block after a KV cache: the virtual key (logit zeta, value 0) goes first,
         # and lane_attention aligns the causal mask bottom-right over S + 1 keys.
         wide = max(W + 1, D)  # channel W carries zeta (query) and 1 (virtual key)
-        zeta = self.sink_logit.to(q.dtype)[:, :, None]  # (H, 1, 1): one per head
+        zeta = self._sink_logits(query_pos).to(q.dtype)[..., None]  # per head [, query]
         zeta = zeta.expand(B, H, L, 1)
         q = _pad_to(torch.cat([q, zeta], dim=-1), wide)
         virtual = q.new_zeros(B, H, 1, wide)
@@ -300,11 +356,15 @@ class SelfAttention(nn.Module):
             logits = logits.masked_fill(future, -math.inf)
         if self.sink_logit is None:
             return torch.softmax(logits, dim=-1)
-        zeta = self.sink_logit.to(logits.dtype)[:, :, None].expand(B, H, L, 1)
+        zeta = self._sink_logits(positions).to(logits.dtype)[..., None]
+        zeta = zeta.expand(B, H, L, 1)
         return torch.softmax(torch.cat([zeta, logits], dim=-1), dim=-1)[..., 1:]
 
     def _check_input(self, x, positions, cache) -> Tensor:
-        """Raise ``ValueError`` on bad input; return the positions as int64 (L,)."""
+        """Raise ``ValueError`` on bad input; return the positions as int64.
+
+        (L,), or (B, L) per sequence.
+        """
         cfg = self.config
         check_layer_input(x, cfg.n_embd, self.q_proj.weight.dtype)
         B, L, _ = x.shape
@@ -330,17 +390,13 @@ class SelfAttention(nn.Module):
             torch.complex128,
         ):
             raise ValueError(f"positions must be integers, got dtype {positions.dtype}")
-        if positions.shape != (L,):
+        if positions.shape not in ((L,), (B, L)):
             raise ValueError(
-                f"positions must have shape (L,) = ({L},), got {tuple(positions.shape)}"
+                f"positions must have shape (L,) = ({L},) or (B, L) = ({B}, {L}), "
+                f"got {tuple(positions.shape)}"
             )
-        if cache is not None and cfg.causal and len(cache) and L:
-            last, first = int(cache.positions.max()), int(positions.min())
-            if first <= last:
-                raise ValueError(
-                    "with a causal KV cache, new positions must come after the cached "
-                    f"ones: the cache ends at position {last}, got {first}"
-                )
+        if cache is not None and cfg.causal:
+            cache.check_causal_order(positions)
         return positions.to(torch.int64)
 
 
@@ -355,24 +411,16 @@ def goat_attention_weights(
     (:meth:`otattn.nn.priors.GoatPrior.lanes`,
     :func:`otattn.nn.priors.log_prior_from_lanes`), with the recency origin at the last
     query as in the layer.  ``P @ v`` is the output before the gate and the output
-    projection.  ``positions`` (L,), or (L, A) on a grid (required there), and
-    ``has_position`` (L,) as in :meth:`otattn.nn.goat.GoatAttention.forward`.
-    Returns (B, H, L, L); builds L x L.
+    projection.  ``positions`` (L,) or (B, L), or (L, A) or (B, L, A) on a grid
+    (required there), and ``has_position`` (L,) or (B, L) as in
+    :meth:`otattn.nn.goat.GoatAttention.forward`.  Returns (B, H, L, L); builds L x L.
     """
+    if not isinstance(layer, GoatAttention):
+        raise ValueError(f"layer must be a GoatAttention, got {type(layer).__name__}")
     cfg = layer.config
-    if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != cfg.n_embd:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (B, L, n_embd={cfg.n_embd}), got {got}")
-    check_input_dtype(x, layer.q_proj.weight.dtype)
+    positions, has_position = layer._check_input(x, positions, has_position, None, None)
     B, L, _ = x.shape
-    if positions is None and cfg.n_axes == 1:
-        positions = torch.arange(L, device=x.device)
-    if positions is None:
-        raise ValueError(f"a grid layer needs positions of shape (L, {cfg.n_axes})")
-    positions = torch.as_tensor(positions, device=x.device)
-    if has_position is not None:
-        has_position = torch.as_tensor(has_position, device=x.device)
-    origin = int(positions[-1]) if cfg.n_axes == 1 else None
+    origin = layer._recency_origin(positions)
     H, G, d_c = cfg.n_head, cfg.kv_heads, layer.d_c
     q = layer.q_proj(x).view(B, L, H, d_c).transpose(1, 2)
     k = layer.k_proj(x).view(B, L, G, d_c).transpose(1, 2)

@@ -219,7 +219,8 @@ class TinyGPT(nn.Module):
         return [block.attn.new_cache(batch) for block in self.blocks]
 
     def _embed(self, idx, positions, caches) -> tuple[Tensor, Tensor]:
-        """Check the input; return the input of block 0 (B, L, E) and positions (L,)."""
+        """Check the input; return the input of block 0 (B, L, E) and the positions,
+        (L,) or (B, L)."""
         cfg = self.config
         if not isinstance(idx, Tensor) or idx.ndim != 2 or idx.is_floating_point():
             got = (idx.dtype, tuple(idx.shape)) if isinstance(idx, Tensor) else idx
@@ -239,8 +240,15 @@ class TinyGPT(nn.Module):
                 else caches[0].next_positions(L, idx.device)
             )
         positions = torch.as_tensor(positions, device=idx.device)
-        if positions.shape != (L,) or positions.is_floating_point():
-            raise ValueError(f"positions must be integers of shape ({L},)")
+        if (
+            positions.shape not in ((L,), (idx.shape[0], L))
+            or positions.is_floating_point()
+            or positions.dtype in (torch.bool, torch.complex64, torch.complex128)
+        ):
+            raise ValueError(
+                f"positions must be integers of shape (L,) = ({L},) or (B, L) = "
+                f"{tuple(idx.shape)}, got {positions.dtype} {tuple(positions.shape)}"
+            )
         x = self.token_embedding(idx)
         if self.position_embedding is not None and L:
             n, low, high = cfg.block_size, int(positions.min()), int(positions.max())
@@ -252,15 +260,17 @@ class TinyGPT(nn.Module):
                 )
             x = x + self.position_embedding(positions)
         if self.sinusoid is not None:
-            table = self.sinusoid.table(positions) * _SINUSOID_SCALE
-            x = x + table.to(x.dtype)
+            table = self.sinusoid.table(positions.reshape(-1)) * _SINUSOID_SCALE
+            x = x + table.view(*positions.shape, -1).to(x.dtype)
         return x, positions
 
     def forward(self, idx: Tensor, *, positions=None, caches=None) -> Tensor:
         """Next-token logits (B, L, vocab_size) of token ids ``idx`` (B, L).
 
-        ``positions`` (L,) default to ``0..L-1`` or continue the caches; with
-        ``caches`` (from :meth:`new_caches`) the tokens are appended to them.
+        ``positions`` (L,), or (B, L) with positions per sequence (rows that continue
+        at different depths), default to ``0..L-1`` or continue the caches; with
+        ``caches`` (from :meth:`new_caches`) the tokens are appended to them.  The
+        model has no key mask: every row is a whole sequence.
 
         Raises
         ------

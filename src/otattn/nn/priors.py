@@ -31,19 +31,29 @@ token) gets zero relative lanes.  The sink term of a grid sees the raster index
 without an order).
 
 Precision.  Phases :math:`\omega p` are formed from the integer positions in float64 as
-an exact sum of two floats (Dekker's product :cite:`dekker1971floating`, as
-:func:`otattn.spectral.phase_lanes`), so the lanes are accurate at any position below
-:math:`2^{53}` (book,
-:ref:`sec-goat-phases`); everything after the phases is computed in the parameters'
-dtype promoted to at least float32, so a prior whose parameters are bfloat16 still
-forms its lanes in float32.  The lanes are cast to the model dtype only when they are
-joined to the queries and keys (:func:`otattn.nn.functional.fused_query_key`).
+an exact sum of two floats (Dekker's product :cite:`dekker1971floating`, the arithmetic
+of :func:`otattn.spectral.phase_lanes` run on tensors), so the lanes are accurate at any
+position below :math:`2^{53}` (book, :ref:`sec-goat-phases`).  They are computed on the
+positions' device, so a forward pass on a GPU does no work on the host; a device
+without float64 (MPS) gets them from the host, in float32.  Everything after the phases
+is computed in the parameters' dtype promoted to at least float32, so a prior whose
+parameters are bfloat16 still forms its lanes in float32.  The lanes are cast to the
+model dtype only when they are joined to the queries and keys
+(:func:`otattn.nn.functional.fused_query_key`).
+
+Positions per sequence.  Every function takes positions with a leading batch axis,
+(B, N) (or (B, N, A) on a grid), one row per sequence: left-padded prompts of
+different lengths, sequences that continue at different depths, packed sequences whose
+positions restart.  The lanes then gain that axis, (B, H, L, N_pi) and (B, G, S, N_pi),
+and the recency origin may be one per sequence.  Positions (N,) serve every sequence
+alike.
 
 References: :cite:`litman2026priors`, :cite:`press2022alibi`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -76,6 +86,7 @@ class Lanes:
     ``query`` (H, L, N_pi) and ``key`` (G, S, N_pi), :math:`N_\pi` lanes, with G the
     number of key/value heads (or 1):
     :math:`K^h_{ij} = \langle \text{query}_{h i}, \text{key}_{g(h) j} \rangle`.
+    With positions per sequence both carry a leading batch axis B.
     """
 
     query: Tensor
@@ -83,7 +94,11 @@ class Lanes:
 
 
 def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tensor:
-    """Integer positions (N,), or (N, n_axes) on a grid, as int64; or ``ValueError``."""
+    """Integer positions as int64, or ``ValueError``.
+
+    Shapes: (N,) or, one row per sequence, (B, N); on a grid (N, n_axes) or
+    (B, N, n_axes).
+    """
     if (
         not isinstance(pos, Tensor)
         or pos.dtype.is_floating_point
@@ -92,16 +107,19 @@ def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tenso
     ):
         dtype = pos.dtype if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"{name} must be an integer tensor of positions, got {dtype}")
-    if n_axes is None and (pos.ndim != 1 or pos.numel() == 0):
-        raise ValueError(
-            f"{name} must have shape (N,) with N >= 1, got {tuple(pos.shape)}"
-        )
-    if n_axes is not None and (
-        pos.ndim != 2 or pos.shape[0] == 0 or pos.shape[1] != n_axes
+    grid = n_axes is not None
+    if (
+        pos.ndim not in (1 + grid, 2 + grid)
+        or 0 in pos.shape
+        or (grid and pos.shape[-1] != n_axes)
     ):
+        want = (
+            f"(N, A) = (N, {n_axes}), or (B, N, A) on a grid"
+            if grid
+            else "(N,), or (B, N) per sequence"
+        )
         raise ValueError(
-            f"{name} must have shape (N, A) = (N, {n_axes}) with N >= 1 on a grid, "
-            f"got {tuple(pos.shape)}"
+            f"{name} must have shape {want}, with B, N >= 1, got {tuple(pos.shape)}"
         )
     if pos.abs().max().item() > _MAX_POSITION:
         raise ValueError(
@@ -110,38 +128,112 @@ def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tenso
     return pos.to(torch.int64)
 
 
+def _is_batched(pos: Tensor, n_axes: int | None = None) -> bool:
+    """Whether checked positions carry a leading batch axis (one row per sequence)."""
+    return pos.ndim == (2 if n_axes is None else 3)
+
+
+def _check_pair(
+    query_pos: Tensor, key_pos: Tensor, n_axes: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Check query and key positions, which must both be batched or both not.
+
+    The same tensor for both (self-attention) is checked once and returned twice.
+    """
+    same = key_pos is query_pos
+    query_pos = _check_positions(query_pos, "query_pos", n_axes)
+    if same:
+        return query_pos, query_pos
+    key_pos = _check_positions(key_pos, "key_pos", n_axes)
+    q_batched, k_batched = _is_batched(query_pos, n_axes), _is_batched(key_pos, n_axes)
+    if q_batched != k_batched or (q_batched and query_pos.shape[0] != key_pos.shape[0]):
+        one = "(N,)" if n_axes is None else f"(N, {n_axes})"
+        per_row = "(B, N)" if n_axes is None else f"(B, N, {n_axes})"
+        raise ValueError(
+            f"query_pos {tuple(query_pos.shape)} and key_pos {tuple(key_pos.shape)} "
+            f"must both have shape {one}, or both {per_row} with the same B"
+        )
+    return query_pos, key_pos
+
+
+# Devices whose tensors cannot be float64 (Apple's MPS): phases are formed there on the
+# host and arrive in float32.  CPU and CUDA compute them where the positions are.
+_NO_FLOAT64_DEVICES = frozenset({"mps"})
+
+
+def _has_float64(device: torch.device) -> bool:
+    """Whether ``device`` holds float64 tensors (CPU and CUDA do, MPS does not)."""
+    return torch.device(device).type not in _NO_FLOAT64_DEVICES
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 where ``device`` has it, else float32: where positions become floats."""
+    return torch.float64 if _has_float64(device) else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies_on(R: int, base: float, device: torch.device) -> Tensor:
+    """The cached body of :func:`_frequencies`."""
+    with torch.inference_mode(False):  # a normal tensor, usable by autograd later
+        return torch.as_tensor(
+            spectral.goat_frequencies(R, base=base), dtype=torch.float64
+        ).to(device if _has_float64(device) else "cpu")
+
+
 def _frequencies(R: int, base: float, device) -> Tensor:
-    """The frequencies of :func:`otattn.spectral.goat_frequencies`, float64 (R,)."""
-    return torch.as_tensor(
-        spectral.goat_frequencies(R, base=base), dtype=torch.float64, device=device
-    )
+    """The frequencies of :func:`otattn.spectral.goat_frequencies`, float64 (R,).
+
+    On ``device``, or on the host for a device without float64; made once per
+    ``(R, base, device)`` and kept, so a forward pass copies nothing to the device.
+    """
+    return _frequencies_on(int(R), float(base), torch.device(device))
 
 
 def phase_lanes(pos: Tensor, omega: Tensor) -> Tensor:
-    r"""Key lanes of positions, :math:`[\cos \omega_r p,\ \sin \omega_r p]_r`, float64.
+    r"""Key lanes of positions, :math:`[\cos \omega_r p,\ \sin \omega_r p]_r`.
 
-    Computed by :func:`otattn.spectral.phase_lanes` (the phase ``h + l`` formed exactly
-    by Dekker's product :cite:`dekker1971floating`; book, :ref:`sec-goat-phases`) and
-    returned as a tensor on the device of ``pos``.
+    The phase :math:`\omega_r p` is formed as the exact sum ``hi + lo`` of two floats
+    by Dekker's product :cite:`dekker1971floating` (the arithmetic of
+    :func:`otattn.spectral.phase_lanes`, run here on tensors), and the angle-addition
+    formulas add the tiny ``lo`` to ``cos`` and ``sin`` of ``hi``: accurate to a few
+    units of float64 rounding at every position below :math:`2^{53}` (book,
+    :ref:`sec-goat-phases`).  Computed in float64 on the device of ``pos``, so a
+    forward pass on a GPU does no work on the host; on a device without float64
+    (MPS) the lanes are computed on the host by :func:`otattn.spectral.phase_lanes`
+    and arrive in float32.
 
     Parameters
     ----------
-    pos : Tensor of int, shape (N,)
+    pos : Tensor of int, shape (N,) or (B, N)
     omega : Tensor, shape (R,)
         Frequencies, converted to float64.
 
     Returns
     -------
-    lanes : Tensor of float64, shape (N, 2R)
-        Cosines in the first R columns, sines in the last R.
+    lanes : Tensor, shape (N, 2R) or (B, N, 2R)
+        Cosines in the first R columns, sines in the last R; float64 (float32 on a
+        device without float64), on the device of ``pos``.
     """
-    pos = _check_positions(pos, "pos")
-    # Positions are a short vector: the phases are formed on the host by the one exact
-    # implementation, otattn.spectral.phase_lanes, and moved to the positions' device.
-    lanes = spectral.phase_lanes(
-        pos.cpu().numpy(), omega.detach().to(torch.float64).cpu().numpy()
+    return _phase_lanes(_check_positions(pos, "pos"), omega)
+
+
+def _phase_lanes(pos: Tensor, omega: Tensor) -> Tensor:
+    """:func:`phase_lanes` of checked int64 positions."""
+    if not _has_float64(pos.device):
+        lanes = spectral.phase_lanes(
+            pos.cpu().numpy().reshape(-1), omega.detach().cpu().double().numpy()
+        )
+        return (
+            torch.from_numpy(lanes)
+            .reshape(*pos.shape, -1)
+            .to(pos.device, torch.float32)
+        )
+    omega = omega.detach().to(pos.device, torch.float64)
+    hi, lo = spectral._two_product(pos.to(torch.float64)[..., None], omega)
+    cos_hi, sin_hi, cos_lo, sin_lo = hi.cos(), hi.sin(), lo.cos(), lo.sin()
+    return torch.cat(
+        [cos_hi * cos_lo - sin_hi * sin_lo, sin_hi * cos_lo + cos_hi * sin_lo], dim=-1
     )
-    return torch.from_numpy(lanes).to(pos.device)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -149,19 +241,26 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _has_position(flags: Tensor | None, n: int, name: str) -> Tensor | None:
-    """Check a class-token flag vector: ``None``, or a boolean tensor of shape (n,)."""
+def _has_position(
+    flags: Tensor | None, shape: tuple[int, ...], name: str
+) -> Tensor | None:
+    """Check class-token flags: ``None``, or a boolean tensor of shape (N,) or
+    ``shape`` (the positions' (B, N) when they have a batch axis)."""
+    n = shape[-1]
     if flags is not None and (
         not isinstance(flags, Tensor)
         or flags.dtype != torch.bool
-        or flags.shape != (n,)
+        or flags.shape not in ((n,), tuple(shape))
     ):
         got = (
             (flags.dtype, tuple(flags.shape))
             if isinstance(flags, Tensor)
             else type(flags).__name__
         )
-        raise ValueError(f"{name} must be a boolean tensor of shape ({n},), got {got}")
+        also = "" if len(shape) == 1 else f" or {tuple(shape)}"
+        raise ValueError(
+            f"{name} must be a boolean tensor of shape ({n},){also}, got {got}"
+        )
     return flags
 
 
@@ -183,22 +282,28 @@ def relative_lanes(
     head axis on the weights.  On an A-axis grid these are formed per axis :math:`a`
     from :math:`p_a` with :math:`\alpha_{ha}, \beta_{ha}` and concatenated axis after
     axis, so the dot product is the sum of the axes' priors, :eq:`eq-goat-2d`.
+    Positions with a leading batch axis B (one row per sequence: left-padded prompts,
+    packed sequences) give lanes with that axis.
 
     Parameters
     ----------
     alpha, beta : Tensor, shape (H, R) for sequences or (H, A, R) for an A-axis grid
-    query_pos : Tensor of int, shape (L,), or (L, A) on a grid
-    key_pos : Tensor of int, shape (S,), or (S, A) on a grid
+    query_pos : Tensor of int, shape (L,) or (B, L); (L, A) or (B, L, A) on a grid
+    key_pos : Tensor of int, shape (S,) or (B, S); (S, A) or (B, S, A) on a grid
+        Batched if and only if ``query_pos`` is.  Passing the same tensor for both
+        (self-attention) forms its phases once.
     base : float, default 10 000
-    query_has_position, key_has_position : Tensor of bool, shape (L,) and (S,), optional
-        ``False`` marks a token without a position (a class token): its relative lanes
-        are zero, so its relative prior with every token is zero.
+    query_has_position, key_has_position : Tensor of bool, optional
+        Shape (L,) and (S,), or (B, L) and (B, S) with batched positions; ``False``
+        marks a token without a position (a class token): its relative lanes are
+        zero, so its relative prior with every token is zero.
 
     Returns
     -------
     Lanes
-        ``query`` (H, L, 2AR) and ``key`` (1, S, 2AR) (A = 1 for sequences), in the
-        compute dtype (at least float32).
+        ``query`` (H, L, 2AR) and ``key`` (1, S, 2AR) (A = 1 for sequences), or
+        (B, H, L, 2AR) and (B, 1, S, 2AR) with batched positions, in the compute dtype
+        (at least float32).
     """
     if alpha.ndim not in (2, 3) or alpha.shape != beta.shape or 0 in alpha.shape[1:]:
         raise ValueError(
@@ -207,32 +312,35 @@ def relative_lanes(
         )
     grid = alpha.ndim == 3
     n_axes = alpha.shape[1] if grid else 1
-    axes = n_axes if grid else None
-    # positions as (L, A) and (S, A), with A = 1 for sequences
-    query_pos = _check_positions(query_pos, "query_pos", axes).reshape(-1, n_axes)
-    key_pos = _check_positions(key_pos, "key_pos", axes).reshape(-1, n_axes)
-    q_on = _has_position(query_has_position, query_pos.shape[0], "query_has_position")
-    k_on = _has_position(key_has_position, key_pos.shape[0], "key_has_position")
+    query_pos, key_pos = _check_pair(query_pos, key_pos, n_axes if grid else None)
+    lead = -1 if grid else None  # the positions' (B, N) or (N,) part
+    q_on = _has_position(
+        query_has_position, query_pos.shape[:lead], "query_has_position"
+    )
+    k_on = _has_position(key_has_position, key_pos.shape[:lead], "key_has_position")
     dtype = _compute_dtype(alpha)
-    omega = _frequencies(alpha.shape[-1], base, alpha.device)
+    omega = _frequencies(alpha.shape[-1], base, query_pos.device)
     # weights as (H, A, R)
     alpha, beta = (w.to(dtype).reshape(w.shape[0], n_axes, -1) for w in (alpha, beta))
     q_parts, k_parts = [], []
     for ax in range(n_axes):
-        # contiguous: a broadcast product with a strided (L, R) view is ~100x slower
-        # on CPU (torch 2.13)
-        cq, sq = (
-            t.contiguous()
-            for t in phase_lanes(query_pos[:, ax], omega).to(dtype).chunk(2, dim=1)
-        )  # (L, R) each
+        k_phase = _phase_lanes(key_pos[..., ax] if grid else key_pos, omega).to(dtype)
+        q_phase = (  # self-attention: one set of phases
+            k_phase
+            if query_pos is key_pos
+            else _phase_lanes(query_pos[..., ax] if grid else query_pos, omega)
+        ).to(dtype)
+        # (1, L, R) or (B, 1, L, R) each; contiguous: a broadcast product with a
+        # strided view is ~100x slower on CPU (torch 2.13)
+        cq, sq = (t.unsqueeze(-3).contiguous() for t in q_phase.chunk(2, dim=-1))
         a, b = alpha[:, ax, None, :], beta[:, ax, None, :]  # (H, 1, R)
         q_parts += [a * cq + b * sq, a * sq - b * cq]
-        k_parts.append(phase_lanes(key_pos[:, ax], omega).to(dtype))
-    query, key = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)[None]
+        k_parts.append(k_phase)
+    query, key = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1).unsqueeze(-3)
     if q_on is not None:
-        query = query * q_on.to(query.device, dtype)[:, None]
+        query = query * q_on.to(query.device, dtype)[..., None, :, None]
     if k_on is not None:
-        key = key * k_on.to(key.device, dtype)[:, None]
+        key = key * k_on.to(key.device, dtype)[..., None, :, None]
     return Lanes(query=query, key=key)
 
 
@@ -246,21 +354,34 @@ def sink_features(
 ) -> Tensor:
     r"""Sink features :math:`\phi(p) = [\cos\nu p,\ \sin\nu p,\ p/\text{length}]`.
 
-    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`; float64,
-    shape (S, F) with F = 2 n_freq + 1.  With ``log_position=True`` a last feature
+    Torch twin of :func:`otattn.spectral.sink_features`, :eq:`eq-sink-term`; float64
+    (float32 on a device without it), shape (S, F), or (B, S, F) for positions (B, S),
+    with F = 2 n_freq + 1.  With ``log_position=True`` a last feature
     :math:`\log(1 + p)/\log(1 + \text{length})` follows (F = 2 n_freq + 2; the feature
     set of the authors' package, see :func:`otattn.nn.convert.goat_to_otattn`); it
     needs positions :math:`p \ge 0`.
     """
     length = check_int(length, "length")
-    nu = _frequencies(n_freq, base, key_pos.device)
-    pos = _check_positions(key_pos, "key_pos")
-    columns = [phase_lanes(pos, nu), pos.to(torch.float64)[:, None] / float(length)]
+    return _sink_features(
+        _check_positions(key_pos, "key_pos"), length, n_freq, base, log_position
+    )
+
+
+def _sink_features(
+    pos: Tensor, length: int, n_freq: int, base: float, log_position: bool
+) -> Tensor:
+    """:func:`sink_features` of checked int64 positions."""
+    nu = _frequencies(n_freq, base, pos.device)
+    exact = _exact_dtype(pos.device)
+    columns = [
+        _phase_lanes(pos, nu).to(exact),
+        pos.to(exact)[..., None] / float(length),
+    ]
     if log_position:
         if pos.min().item() < 0:
             raise ValueError("the log-position sink feature needs key positions >= 0")
-        columns.append(torch.log1p(pos.to(torch.float64))[:, None] / math.log1p(length))
-    return torch.cat(columns, dim=1)
+        columns.append(torch.log1p(pos.to(exact))[..., None] / math.log1p(length))
+    return torch.cat(columns, dim=-1)
 
 
 # The sink MLP's hidden nonlinearity: ours is tanh (bounded); the authors' package uses
@@ -277,7 +398,7 @@ def sink_term(
     *,
     length: int,
     base: float = 10_000.0,
-    key_origin: int | None = None,
+    key_origin: int | Tensor | None = None,
     activation: str = "tanh",
     log_position: bool = False,
     bump: Tensor | None = None,
@@ -293,9 +414,10 @@ def sink_term(
     Torch twin of :func:`otattn.spectral.sink_term` with a leading head axis,
     :eq:`eq-sink-term`, where :math:`\sigma = \tanh` and there is no bump
     :math:`\eta_g`.  ``key_origin`` :math:`p_0` (default 0) shifts the recency term by
-    :math:`-m_g p_0`, the same constant for every query and key: a row constant, which
-    changes no attention weight (:eq:`eq-row-shift`) but keeps the lane small near
-    :math:`p_0` where low-precision kernels need it (book, :ref:`sec-torch-precision`).
+    :math:`-m_g p_0`, the same constant for every query and key of a sequence: a row
+    constant, which changes no attention weight (:eq:`eq-row-shift`) but keeps the lane
+    small near :math:`p_0` where low-precision kernels need it (book,
+    :ref:`sec-torch-precision`).
 
     Parameters
     ----------
@@ -305,11 +427,12 @@ def sink_term(
     b_in, w_out : Tensor, shape (G, Hs)
     slope : Tensor, shape (G,), or None
         Recency slope :math:`m_g`; ``None`` for no recency term.
-    key_pos : Tensor of int, shape (S,)
+    key_pos : Tensor of int, shape (S,), or (B, S) per sequence
     length : int
         Normalises the position feature; the training context length, fixed, so that
         decoding and a full forward see the same features.
-    key_origin : int, optional
+    key_origin : int, or Tensor of int of shape (B,), optional
+        One origin, or one per sequence (positions (B, S)).
     activation : {"tanh", "silu"}, default "tanh"
         The hidden nonlinearity :math:`\sigma`.
     log_position : bool, default False
@@ -321,7 +444,7 @@ def sink_term(
 
     Returns
     -------
-    u : Tensor, shape (G, S), in the compute dtype (at least float32)
+    u : Tensor, shape (G, S), or (B, G, S), in the compute dtype (at least float32)
     """
     extra = 2 if log_position else 1
     if (
@@ -338,18 +461,19 @@ def sink_term(
         )
     activation = check_choice(activation, "activation", tuple(_SINK_ACTIVATIONS))
     dtype = _compute_dtype(w_in)
-    features = sink_features(
+    key_pos = _check_positions(key_pos, "key_pos")
+    features = _sink_features(
         key_pos,
-        length=length,
-        n_freq=(w_in.shape[2] - extra) // 2,
-        base=base,
-        log_position=log_position,
-    ).to(dtype)
+        check_int(length, "length"),
+        (w_in.shape[2] - extra) // 2,
+        base,
+        log_position,
+    ).to(dtype)  # (S, F) or (B, S, F)
     hidden = _SINK_ACTIVATIONS[activation](
-        torch.einsum("gkf,sf->gsk", w_in.to(dtype), features)
+        torch.einsum("gkf,...sf->...gsk", w_in.to(dtype), features)
         + b_in.to(dtype)[:, None, :]
     )
-    u = torch.einsum("gsk,gk->gs", hidden, w_out.to(dtype))
+    u = torch.einsum("...gsk,gk->...gs", hidden, w_out.to(dtype))
     if bump is not None:
         u = u + _first_key_bump(bump, key_pos, dtype)
     if slope is not None:
@@ -358,23 +482,39 @@ def sink_term(
 
 
 def _first_key_bump(bump: Tensor, key_pos: Tensor, dtype: torch.dtype) -> Tensor:
-    """``eta_g [p_j = 0]``, (G, S): extra log-prior on the key at position 0."""
+    """``eta_g [p_j = 0]``, (G, S) or (B, G, S), at checked positions (S,) or (B, S)."""
     if bump.ndim != 1:
         raise ValueError(f"bump must have shape (G,), got {tuple(bump.shape)}")
-    first = (_check_positions(key_pos, "key_pos") == 0).to(dtype)
-    return bump.to(dtype)[:, None] * first[None, :]
+    first = (key_pos == 0).to(dtype)
+    return bump.to(dtype)[:, None] * first[..., None, :]
 
 
 def _recency(
-    slope: Tensor, key_pos: Tensor, key_origin: int | None, dtype: torch.dtype
+    slope: Tensor,
+    key_pos: Tensor,
+    key_origin: int | Tensor | None,
+    dtype: torch.dtype,
 ) -> Tensor:
-    """``m_g (p_j - p_0)``, (G, S): the offset is an exact integer when it is scaled."""
+    """``m_g (p_j - p_0)``, (G, S) or (B, G, S), at checked positions (S,) or (B, S).
+
+    The offset is an exact integer when it is scaled; ``key_origin`` is an int, or one
+    per sequence, (B,).
+    """
     if slope.ndim != 1:
         raise ValueError(f"slope must have shape (G,), got {tuple(slope.shape)}")
-    offset = _check_positions(key_pos, "key_pos") - (
-        0 if key_origin is None else int(key_origin)
-    )
-    return slope.to(dtype)[:, None] * offset.to(torch.float64).to(dtype)[None, :]
+    if isinstance(key_origin, Tensor):
+        batch = key_pos.shape[:-1]
+        if key_origin.is_floating_point() or key_origin.shape not in ((), batch):
+            raise ValueError(
+                "key_origin must be an int or an integer tensor of shape "
+                f"{tuple(batch)} (one per sequence), got {key_origin.dtype} "
+                f"{tuple(key_origin.shape)}"
+            )
+        offset = key_pos - key_origin.to(key_pos.device, torch.int64)[..., None]
+    else:
+        offset = key_pos - (0 if key_origin is None else int(key_origin))
+    exact = _exact_dtype(key_pos.device)
+    return slope.to(dtype)[:, None] * offset.to(exact).to(dtype)[..., None, :]
 
 
 def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
@@ -386,46 +526,51 @@ def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
     Parameters
     ----------
     rel : Lanes
-        From :func:`relative_lanes`: ``query`` (H, L, 2AR), ``key`` (1, S, 2AR).
-    u : Tensor, shape (G, S), optional
+        From :func:`relative_lanes`: ``query`` (H, L, 2AR), ``key`` (1, S, 2AR), or
+        with a leading batch axis B.
+    u : Tensor, shape (G, S) or (B, G, S), optional
         Sink term per key/value head (:func:`sink_term`); ``None`` means
         :math:`u = 0`.
 
     Returns
     -------
     Lanes
-        ``query`` (H, L, N_pi) and ``key`` (G, S, N_pi), G = 1 when ``u`` is ``None``.
+        ``query`` (H, L, N_pi) and ``key`` (G, S, N_pi), G = 1 when ``u`` is ``None``;
+        with a leading B when ``rel`` or ``u`` has one.
     """
-    H, L, _ = rel.query.shape
-    S = rel.key.shape[1]
+    S = rel.key.shape[-2]
     u = rel.key.new_zeros(1, S) if u is None else u.to(rel.key.dtype)
-    if u.ndim != 2 or u.shape[1] != S:
-        raise ValueError(f"u must have shape (G, S={S}), got {tuple(u.shape)}")
+    if u.ndim not in (2, 3) or u.shape[-1] != S:
+        raise ValueError(
+            f"u must have shape (G, S={S}) or (B, G, S={S}), got {tuple(u.shape)}"
+        )
+    batch = torch.broadcast_shapes(rel.key.shape[:-3], u.shape[:-2])
     # Written into new tensors rather than torch.cat of broadcast views, which ran
     # slower on CPU (torch 2.13).
     query = torch.nn.functional.pad(rel.query, (0, 1), value=1.0)
-    key = rel.key.new_empty(u.shape[0], S, rel.key.shape[-1] + 1)
+    key = rel.key.new_empty(*batch, u.shape[-2], S, rel.key.shape[-1] + 1)
     key[..., :-1] = rel.key
     key[..., -1] = u
     return Lanes(query=query, key=key)
 
 
 def log_prior_from_lanes(lanes: Lanes) -> Tensor:
-    r"""The materialised log-prior (H, L, S), :eq:`eq-goat-prior`.
+    r"""The materialised log-prior (H, L, S), or (B, H, L, S), :eq:`eq-goat-prior`.
 
     .. math::
 
         K^h_{ij} = \langle q^{\mathrm{lane}}_{hi}, k^{\mathrm{lane}}_{g(h)j}\rangle,
 
     the einsum of the lanes the attention uses, nothing else; key head g serves the H/G
-    query heads ``g*H/G, ..., (g+1)*H/G - 1``.  For plots and tests: it builds an
-    L x S tensor per head.  No causal mask is added.
+    query heads ``g*H/G, ..., (g+1)*H/G - 1``.  Lanes with a leading batch axis (one
+    row per sequence) give one log-prior per sequence.  For plots and tests: it builds
+    an L x S tensor per head.  No causal mask is added.
     """
-    H, G = lanes.query.shape[0], lanes.key.shape[0]
+    H, G = lanes.query.shape[-3], lanes.key.shape[-3]
     if H % G:
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
-    key = lanes.key.repeat_interleave(H // G, dim=0)
-    return torch.einsum("hic,hjc->hij", lanes.query, key)
+    key = lanes.key.repeat_interleave(H // G, dim=-3)
+    return torch.einsum("...hic,...hjc->...hij", lanes.query, key)
 
 
 def alibi_slopes(n_head: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -549,17 +694,20 @@ class GoatPrior(nn.Module):
         query_pos: Tensor,
         key_pos: Tensor,
         *,
-        key_origin: int | None = None,
+        key_origin: int | Tensor | None = None,
         query_has_position: Tensor | None = None,
         key_has_position: Tensor | None = None,
     ) -> Lanes:
         r"""Query lanes (H, L, N_pi) and key lanes (G, S, N_pi) at integer positions.
 
         The lanes of :eq:`eq-lanes`.  Positions have shape (L,) and (S,), or (L, A) and
-        (S, A) on a grid (:eq:`eq-goat-2d`).  ``query_has_position`` (L,) and
-        ``key_has_position`` (S,), boolean, mark tokens without a position (class
-        tokens) by ``False``: their relative lanes are zero (:func:`relative_lanes`).
-        ``key_origin`` shifts the recency term by a constant (see :func:`sink_term`).
+        (S, A) on a grid (:eq:`eq-goat-2d`); with a leading batch axis, (B, L) and
+        (B, S) (or (B, L, A) and (B, S, A)), one row per sequence, the lanes are
+        (B, H, L, N_pi) and (B, G, S, N_pi).  ``query_has_position`` (L,) and
+        ``key_has_position`` (S,) (or (B, L) and (B, S)), boolean, mark tokens without a
+        position (class tokens) by ``False``: their relative lanes are zero
+        (:func:`relative_lanes`).  ``key_origin`` shifts the recency term by a constant,
+        an int or one per sequence, (B,) (see :func:`sink_term`).
         """
         rel = relative_lanes(
             self.alpha,
@@ -570,10 +718,13 @@ class GoatPrior(nn.Module):
             query_has_position=query_has_position,
             key_has_position=key_has_position,
         )
-        dtype, S = rel.key.dtype, rel.key.shape[1]
+        dtype, S = rel.key.dtype, rel.key.shape[-2]
         # the sink term of a grid sees the raster index, as spectral.goat_lanes
-        if self.n_axes > 1:
-            key_pos = torch.arange(S, device=key_pos.device)
+        key_pos = (
+            torch.arange(S, device=key_pos.device)
+            if self.n_axes > 1
+            else key_pos.to(torch.int64)  # checked by relative_lanes
+        )
         if self.w_in is not None:
             u = sink_term(
                 self.w_in,
@@ -601,7 +752,7 @@ class GoatPrior(nn.Module):
         query_pos: Tensor,
         key_pos: Tensor,
         *,
-        key_origin: int | None = None,
+        key_origin: int | Tensor | None = None,
         query_has_position: Tensor | None = None,
         key_has_position: Tensor | None = None,
     ) -> Lanes:
@@ -619,7 +770,7 @@ class GoatPrior(nn.Module):
         query_pos: Tensor,
         key_pos: Tensor,
         *,
-        key_origin: int | None = None,
+        key_origin: int | Tensor | None = None,
         query_has_position: Tensor | None = None,
         key_has_position: Tensor | None = None,
     ) -> Tensor:
