@@ -63,3 +63,17 @@ copy-mixture: $(STAMP)
 
 clean:
 	rm -rf _build .pytest_cache
+
+## retrieval: the full experiment of chapter 11: 7 attention variants x 3 seeds trained on
+## passkey and needle retrieval at length 64 (two runs at a time, one thread each), then
+## scored on a depth x length grid up to 32x the training length, with training and
+## decoding throughput; writes book/data/retrieval/ (checkpoints stay under runs/).
+## A rerun skips the runs already in book/data/retrieval.
+RETRIEVAL_TRAIN := --block-size 64 --n-embd 128 --n-layer 2 --n-head 4 --steps 1000 \
+  --eval-every 100 --eval-batches 8 --log-every 20
+.PHONY: retrieval
+retrieval: $(STAMP)
+	$(PY) -m otattn sweep retrieval $(RETRIEVAL_TRAIN) --variants goat goat_gate rope \
+	  alibi nope sinusoidal learned --seeds 0 1 2 --data-dir book/data/retrieval --jobs 2
+	$(PY) -m otattn extrapolate book/data/retrieval --factors 1 2 4 8 16 32 --depths 11 \
+	  --samples 32 --keep-weights goat rope

@@ -25,7 +25,7 @@ AGREEMENT_TOL = 1e-5
 # goat_sharp), so 1e-4.
 PEAKED_AGREEMENT_TOL = 1e-4
 PEAKED = ("goat_alibi", "goat_sharp", "goat_layer_alibi", "goat_layer_sharp")
-NEW_METHODS = ("plain_layer", "goat_layer", *PEAKED)
+NEW_METHODS = ("plain_layer", "rope_layer", "gated_layer", "goat_layer", *PEAKED)
 
 
 def test_cli_help_works_without_importing_torch():

@@ -262,3 +262,19 @@ def test_the_command_line_maps_flags_onto_the_config():
     expected = {"vocab": 16, "p_first": 0.3, "p_prev": 0.4, "lag": 1}
     assert config.task_options == expected  # the defaults of the others, filled in
     assert config.steps == TrainConfig().steps  # unset flags keep the defaults
+
+
+def test_evaluation_draws_its_batches_from_the_task_for_evaluation(monkeypatch):
+    """A corpus task evaluates on its validation split, not on training windows."""
+    from otattn.experiments.shakespeare import ShakespeareChars
+    from otattn.experiments.train import evaluate
+
+    config = TrainConfig(
+        task="shakespeare", block_size=16, n_layer=1, n_embd=16, n_head=2, rank=2
+    )
+    model, task = build_model(config), config.make_task()
+    assert task.split == "train"
+    on_validation = evaluate(model, task, config, "cpu")
+    assert on_validation == evaluate(model, task.for_evaluation(), config, "cpu")
+    monkeypatch.setattr(ShakespeareChars, "for_evaluation", lambda self: self)
+    assert evaluate(model, task, config, "cpu")["loss"] != on_validation["loss"]

@@ -156,10 +156,20 @@ def _sweep(argv: list[str]) -> int:
     return sweep.main(argv)
 
 
+def _extrapolate(argv: list[str]) -> int:
+    from otattn.experiments import extrapolation
+
+    return extrapolation.main(argv)
+
+
 # Commands with parsers of their own: everything after the name is theirs.
 DELEGATED = {
     "train": (_train, "train a tiny GPT on a sequence task (see train --help)"),
     "sweep": (_sweep, "train once per attention variant and seed (see sweep --help)"),
+    "extrapolate": (
+        _extrapolate,
+        "score a retrieval sweep at longer lengths (see extrapolate --help)",
+    ),
 }
 
 

@@ -39,6 +39,9 @@ methods are peaked:
 - ``plain_layer``: :class:`otattn.nn.layers.SelfAttention` without a positional
   encoding (``position="nope"``), causal, of the same width and heads: the floor of
   the layers.
+- ``rope_layer``: the same layer with rotary embeddings (``position="rope"``), the
+  positional encoding GOAT is usually compared against; ``gated_layer``: that RoPE
+  layer with the G1 elementwise output gate (``gate="elementwise"``).
 - ``goat_layer``, ``goat_layer_alibi``, ``goat_layer_sharp``:
   :class:`otattn.nn.goat.GoatAttention` with its default configuration at the same
   width, heads and rank, at ``init="uniform"`` (not peaked), at ``init="alibi"``, and
@@ -124,6 +127,8 @@ METHODS = (
     "goat_alibi",
     "goat_sharp",
     "plain_layer",
+    "rope_layer",
+    "gated_layer",
     "goat_layer",
     "goat_layer_alibi",
     "goat_layer_sharp",
@@ -133,10 +138,18 @@ LAYERS = (
     "otattn_layer",
     "goat_pkg_layer",
     "plain_layer",
+    "rope_layer",
+    "gated_layer",
     "goat_layer",
     "goat_layer_alibi",
     "goat_layer_sharp",
 )
+# The SelfAttention options of the baseline layers.
+_BASELINE_LAYERS = {
+    "plain_layer": dict(position="nope"),
+    "rope_layer": dict(position="rope"),
+    "gated_layer": dict(position="rope", gate="elementwise"),
+}
 # The prior of each GOAT method: "trained" (moderate), "alibi" or "sharp".
 _PRIOR_KIND = {
     "goat": "trained",
@@ -259,8 +272,9 @@ def _layer(method: str, cfg: BenchConfig, seed: int) -> torch.nn.Module:
     """The layer of a method in ``LAYERS`` other than ``goat_pkg_layer``."""
     torch.manual_seed(seed)
     E = cfg.n_head * cfg.head_dim
-    if method == "plain_layer":
-        layer = SelfAttention(SelfAttentionConfig(E, cfg.n_head, position="nope"))
+    if method in _BASELINE_LAYERS:
+        options = _BASELINE_LAYERS[method]
+        layer = SelfAttention(SelfAttentionConfig(E, cfg.n_head, **options))
     elif method == "otattn_layer":
         layer = GoatAttention(
             GoatConfig(
@@ -496,7 +510,12 @@ def _reference(
         with torch.no_grad():
             weights = attention_weights(layer, x)
             v = layer.v_proj(x).view(B, L, H, D).transpose(1, 2)
-            out = layer.out_proj((weights @ v).transpose(1, 2).reshape(B, L, H * D))
+            y = weights @ v
+            if getattr(layer, "gate_proj", None) is not None:  # G1: sigma(x W_g)
+                y = y * torch.sigmoid(layer.gate_proj(x)).view(B, L, H, -1).transpose(
+                    1, 2
+                )
+            out = layer.out_proj(y.transpose(1, 2).reshape(B, L, H * D))
         return out, weights
     future = torch.ones(L, L, dtype=torch.bool).triu(1)
     if method == "sdpa":

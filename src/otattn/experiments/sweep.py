@@ -22,9 +22,11 @@ learned prior with :func:`model_with_saved_prior`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
+import multiprocessing
 import pathlib
 import shlex
 import shutil
@@ -37,6 +39,7 @@ from otattn.experiments.checkpoint import atomic_write_text, provenance
 from otattn.experiments.cli_train import build_parser, config_from_args
 from otattn.experiments.config import TrainConfig
 from otattn.experiments.train import train
+from otattn.nn._checks import check_int
 from otattn.nn.denormals import flush_denormals
 from otattn.nn.models import TinyGPT
 from otattn.nn.registry import VARIANTS
@@ -77,13 +80,18 @@ def run_sweep(
     command: str | None = None,
     progress: bool | None = None,
     log=print,
+    jobs: int = 1,
 ) -> list[pathlib.Path]:
     """Train ``config`` with every variant and seed; return the result folders.
 
     ``config.attention``, ``config.seed`` and ``config.out_dir`` are replaced per run.
     Runs whose folder in ``data_dir`` holds a finished ``run.json`` are skipped, and
     ``sweep.json`` keeps the variants and seeds it listed before (same config).
+    ``jobs > 1`` trains that many runs at once, each in a worker process of its own
+    with one intra-op thread (no progress bars); a run's result does not depend on
+    ``jobs`` (its batches and initialisation come from its seed alone).
     """
+    jobs = check_int(jobs, "jobs")
     if not variants or not seeds:
         raise ValueError("a sweep needs at least one variant and one seed")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -106,7 +114,7 @@ def run_sweep(
         for key in ("variants", "seeds"):
             record[key] = before[key] + [x for x in record[key] if x not in before[key]]
     atomic_write_text(data_dir / "sweep.json", json.dumps(record, indent=2) + "\n")
-    folders = []
+    folders, todo = [], []
     for variant in variants:
         for seed in seeds:
             name = run_name(variant, seed)
@@ -119,22 +127,55 @@ def run_sweep(
             run_config = dataclasses.replace(
                 config, attention=variant, seed=seed, out_dir=str(work)
             )
-            log(f"{name}: training in {work}")
-            result = train(
-                run_config,
-                resume=(work / "last.pt").exists(),
-                progress=progress,
-                command=command,
-            )
-            folder.mkdir(parents=True, exist_ok=True)
-            state = result.model.state_dict()
-            prior = {k: v.detach().cpu() for k, v in state.items() if PRIOR_KEY in k}
-            if prior:
-                torch.save(prior, folder / "prior.pt")
-            for file in ("metrics.csv", "run.json"):  # run.json last: "finished"
-                shutil.copyfile(work / file, folder / file)
-            log(f"{name}: final {result.final}")
+            todo.append((name, folder, run_config))
+    if jobs == 1:
+        for name, folder, run_config in todo:
+            log(f"{name}: training in {run_config.out_dir}")
+            trained = _train_run(run_config, progress, command)
+            _keep(trained, run_config, folder, log, name)
+        return folders
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_worker_start
+    ) as pool:
+        running = {}
+        for name, folder, run_config in todo:
+            log(f"{name}: training in {run_config.out_dir} (worker)")
+            future = pool.submit(_train_run, run_config, False, command)
+            running[future] = (name, folder, run_config)
+        for future in concurrent.futures.as_completed(running):
+            name, folder, run_config = running[future]
+            _keep(future.result(), run_config, folder, log, name)
     return folders
+
+
+def _worker_start() -> None:
+    """A sweep worker: one intra-op thread, denormals flushed before any torch op."""
+    torch.set_num_threads(1)
+    flush_denormals()
+
+
+def _train_run(config: TrainConfig, progress, command) -> tuple[dict, dict]:
+    """Train one run (resuming its checkpoint if any); ``(prior, final metrics)``."""
+    work = pathlib.Path(config.out_dir)
+    result = train(
+        config, resume=(work / "last.pt").exists(), progress=progress, command=command
+    )
+    state = result.model.state_dict()
+    prior = {k: v.detach().cpu() for k, v in state.items() if PRIOR_KEY in k}
+    return prior, result.final
+
+
+def _keep(trained: tuple[dict, dict], config: TrainConfig, folder, log, name) -> None:
+    """Copy a finished run's small results from its scratch folder to ``folder``."""
+    prior, final = trained
+    work = pathlib.Path(config.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if prior:
+        torch.save(prior, folder / "prior.pt")
+    for file in ("metrics.csv", "run.json"):  # run.json last: "finished"
+        shutil.copyfile(work / file, folder / file)
+    log(f"{name}: final {final}")
 
 
 def read_metrics(path) -> dict[str, np.ndarray]:
@@ -211,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         default="runs",
         help="where runs train and keep their checkpoints (default: runs)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process with one thread "
+        "(default: 1, in this process)",
+    )
     args = parser.parse_args(argv)
     flush_denormals()  # before the first torch operation: see its docstring
     try:
@@ -224,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             / pathlib.Path(args.data_dir).name,
             command=f"{PROG} {shlex.join(argv)}",
             progress=args.progress,
+            jobs=args.jobs,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -146,8 +147,23 @@ class Task(abc.ABC):
         """Metrics of the best possible model at ``length``, where they are known."""
         return {}
 
+    def for_evaluation(self) -> Task:
+        """The task the validation batches come from: this one, unless the task has a
+        held-out split (a text corpus), whose task this returns."""
+        return self
+
 
 TASKS: dict[str, type[Task]] = {}
+# Modules that register more tasks when imported; loaded on the first lookup by name.
+TASK_MODULES: tuple[str, ...] = (
+    "otattn.experiments.retrieval",
+    "otattn.experiments.shakespeare",
+)
+
+
+def _load_task_modules() -> None:
+    for module in TASK_MODULES:
+        importlib.import_module(module)
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -160,11 +176,13 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def describe_tasks() -> dict[str, str]:
     """``{name: one-line description}`` of every registered task."""
+    _load_task_modules()
     return {name: cls.description for name, cls in TASKS.items()}
 
 
 def make_task(name: str, **options) -> Task:
     """The task ``name`` built with ``options`` (its dataclass fields)."""
+    _load_task_modules()
     if name not in TASKS:
         raise ValueError(
             f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}"

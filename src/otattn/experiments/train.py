@@ -173,9 +173,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, config: TrainConfig, device) -> dict:
     """The task's metrics on the fixed validation set: ``eval_batches`` batches of
-    ``batch_size`` sequences of ``block_size`` targets from ``eval_seed``."""
+    ``batch_size`` sequences of ``block_size`` targets from ``eval_seed``, drawn from
+    ``task.for_evaluation()`` (a held-out split where the task has one)."""
     was_training = model.training
     model.eval()
+    task = task.for_evaluation()
     totals: dict[str, list[float]] = {}
     for i in range(config.eval_batches):
         g = batch_generator(config.eval_seed, EVAL_STREAM, i)
