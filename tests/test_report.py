@@ -43,3 +43,18 @@ def test_markdown_table_takes_a_function_as_format_and_an_alignment():
 def test_markdown_table_refuses_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         markdown_table(ROWS, **kwargs)
+
+
+def test_shell_lines_break_before_flags_and_round_trip():
+    import shlex
+
+    from otattn.report import shell_lines
+
+    command = "python -m otattn sweep retrieval --variants goat rope alibi --seeds 0 1 2 "
+    command += "--data-dir 'book/data/a b' --jobs 2"
+    text = shell_lines(command, width=40)
+    lines = text.split("\n")
+    assert all(len(line) <= 42 for line in lines) and len(lines) > 2
+    assert all(line.lstrip().startswith("--") for line in lines[1:])
+    assert shlex.split(text.replace("\\\n", " ")) == shlex.split(command)
+    assert shell_lines("make test") == "make test"

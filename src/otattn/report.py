@@ -1,4 +1,4 @@
-"""Result tables as Markdown, for the book's pages and the command line.
+"""Result tables as Markdown and commands as page-width lines, for the book's pages.
 
 A chapter shows a table of results with
 ``IPython.display.Markdown(markdown_table(rows, columns))``: the page renders it as a
@@ -8,6 +8,7 @@ right edge.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -85,3 +86,24 @@ def markdown_table(
         cells = (_cell(row[c], formats.get(c)) for c in columns)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def shell_lines(command: str, width: int = 84) -> str:
+    """A shell command as lines of at most about ``width`` columns, for a page.
+
+    The words are kept whole and quoted as the shell needs; a line breaks (with ``\\``)
+    only before a ``--flag``, which stays with its values.
+    """
+    groups: list[list[str]] = []
+    for word in shlex.split(command):
+        if word.startswith("--") or not groups:
+            groups.append([])
+        groups[-1].append(shlex.quote(word))
+    lines = [" ".join(groups[0])] if groups else [""]
+    for group in map(" ".join, groups[1:]):
+        if len(lines[-1]) + len(group) + 3 > width:
+            lines[-1] += " \\"
+            lines.append("    " + group)
+        else:
+            lines[-1] += " " + group
+    return "\n".join(lines)
