@@ -50,7 +50,7 @@ def test_shell_lines_break_before_flags_and_round_trip():
 
     from otattn.report import shell_lines
 
-    command = "python -m otattn sweep retrieval --variants goat rope alibi --seeds 0 1 2 "
+    command = "python -m otattn sweep retrieval --variants goat rope --seeds 0 1 2 "
     command += "--data-dir 'book/data/a b' --jobs 2"
     text = shell_lines(command, width=40)
     lines = text.split("\n")
