@@ -77,3 +77,49 @@ retrieval: $(STAMP)
 	  alibi nope sinusoidal learned --seeds 0 1 2 --data-dir book/data/retrieval --jobs 2
 	$(PY) -m otattn extrapolate book/data/retrieval --factors 1 2 4 8 16 32 --depths 11 \
 	  --samples 32 --keep-weights goat rope
+
+## bench-layers: whole layers at long context (chapter 11): plain, RoPE, RoPE with the G1
+## gate, GOAT, forward and forward+backward, time and peak memory; writes
+## bench_layers.csv (the book's own run is book/data/bench_layers_cpu.csv)
+.PHONY: bench-layers
+bench-layers: $(STAMP)
+	$(PY) -m otattn bench --lengths 2048 4096 8192 --repeats 8 --methods sdpa \
+	  plain_layer rope_layer gated_layer goat_layer --out bench_layers.csv
+
+## shakespeare: the full experiment of chapter 12, a character language model on eight
+## Shakespeare plays (the task `shakespeare`): 7 attention variants x 3 seeds trained at
+## context 256 (two runs at a time, one thread each), a learning-rate sweep (RoPE vs the
+## G1 elementwise gate, 3 rates, seed 0), then the probes of every run (first-token mass,
+## activations, GOAT's u(j) and signal vs sink, gates, loss spikes, loss at 1-8x the
+## context, a sample, decoding tokens/s); writes book/data/shakespeare_runs/ and
+## book/data/shakespeare_lr/ (checkpoints stay under runs/).  A rerun skips the runs
+## already finished in those folders.
+## Sizing, 2 cores: a run trains 400 steps x 16 x 256 = 1.64M tokens.  One-thread runs of
+## this model went at 8.5K tokens/s (the pilot, quiet machine; 6.8K on average with its
+## evaluations on a shared one), and GOAT at 1.035x RoPE's time (50 steps each, side by
+## side, one thread, on a loaded machine: 127.6 s vs 123.3 s); at 7.5K tokens/s a run
+## takes 220 s (GOAT 227 s), evaluations (4 x 16 x 256 tokens every 100 steps) about 1%
+## more, so 21 runs in 11 rounds of two take 41 min; the rate sweep, 3 rounds of two runs
+## of 300 x 16 x 256 = 1.23M tokens, 8 min; the probes about 4 min: 53 min in all (47 at
+## 8.5K tokens/s).  A machine busy with other jobs takes longer.
+SHAKESPEARE_MODEL := --block-size 256 --n-layer 4 --n-head 4 --n-embd 128 \
+  --batch-size 16 --warmup-steps 40 --eval-every 100 --eval-batches 4 --no-progress
+SHAKESPEARE_LRS := 1e-2 3e-2 1e-1
+.PHONY: shakespeare
+shakespeare: $(STAMP)
+	$(PY) -m otattn sweep shakespeare $(SHAKESPEARE_MODEL) --steps 400 --lr 1e-2 \
+	  --log-every 10 --variants rope alibi goat goat_gate gated_elementwise \
+	  gated_headwise sink_logit --seeds 0 1 2 --jobs 2 \
+	  --data-dir book/data/shakespeare_runs
+	for lr in $(SHAKESPEARE_LRS); do \
+	  $(PY) -m otattn sweep shakespeare $(SHAKESPEARE_MODEL) --steps 300 --lr $$lr \
+	    --log-every 5 --variants rope gated_elementwise --seeds 0 --jobs 2 \
+	    --scratch-dir runs/shakespeare_lr --data-dir book/data/shakespeare_lr/lr$$lr \
+	    || exit 1; \
+	done
+	$(PY) -m otattn.experiments.probes book/data/shakespeare_runs
+	for lr in $(SHAKESPEARE_LRS); do \
+	  $(PY) -m otattn.experiments.probes book/data/shakespeare_lr/lr$$lr \
+	    --scratch-dir runs/shakespeare_lr/lr$$lr --length-factors --sample-chars 0 \
+	    --throughput-rounds 0 || exit 1; \
+	done

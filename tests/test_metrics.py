@@ -11,9 +11,12 @@ import pytest
 
 from otattn.attention import attention_plan
 from otattn.metrics import (
+    even_spread_mass,
     first_token_mass,
+    first_token_mass_by_signal,
     first_token_mass_per_head,
     informative_queries,
+    score_range,
     sink_head_fraction,
 )
 from otattn.priors import causal_log_prior, key_log_prior, mask_log_prior, position_lag
@@ -142,5 +145,98 @@ def test_without_a_mask_every_query_counts():
     ],
 )
 def test_bad_input_raises_a_precise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------
+# The even-spread reference, the content-score range and first-token mass by signal.
+
+
+def test_even_spread_mass_is_the_first_token_mass_of_a_uniform_head():
+    """A uniform causal head puts 1/n_i on the first token, with n_i = i + 1."""
+    L = S = 12
+    allowed = np.isfinite(causal_log_prior(L, S))
+    plan = np.where(allowed, 1.0, 0.0) / allowed.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(
+        even_spread_mass(allowed, L, S),
+        first_token_mass(plan[None], allowed=allowed),
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
+    np.testing.assert_allclose(
+        even_spread_mass(allowed, L, S),
+        np.mean(1.0 / np.arange(2, L + 1)),
+        rtol=0,
+        atol=FLOAT64_TOL,
+    )
+    late = allowed & (np.arange(L) >= 8)[:, None]  # count queries 8..11 only
+    np.testing.assert_allclose(
+        even_spread_mass(late, L, S), np.mean(1.0 / np.arange(9, 13)), atol=0
+    )
+    assert even_spread_mass(None, 3, 5) == 1.0 / 5
+
+
+def test_score_range_is_max_minus_min_over_the_visible_keys():
+    scores = np.array([[[0.0, 9.0, 9.0], [1.0, -2.0, 9.0], [3.0, 5.0, -1.0]]])
+    allowed = np.isfinite(causal_log_prior(3, 3))
+    np.testing.assert_array_equal(
+        score_range(scores, allowed=allowed), [[0.0, 3.0, 6.0]]
+    )
+    np.testing.assert_array_equal(score_range(scores), [[9.0, 11.0, 6.0]])
+    hidden = allowed & (np.arange(3) >= 1)[:, None]  # query 0 sees nothing: NaN
+    np.testing.assert_array_equal(
+        score_range(scores, allowed=hidden), [[np.nan, 3.0, 6.0]]
+    )
+
+
+def test_first_token_mass_by_signal_averages_each_bin():
+    """Hand-made: query i has range omega_i and weight m_i on key 0."""
+    L = S = 5
+    allowed = np.isfinite(causal_log_prior(L, S))
+    omega = np.array([0.0, 0.5, 1.5, 1.7, 3.5])  # query 0 is not informative
+    mass = np.array([1.0, 0.8, 0.4, 0.2, 0.1])
+    scores = np.zeros((1, L, S))
+    scores[0, :, 0] = omega  # key 0 scores omega_i, every other key 0
+    plan = np.zeros((1, L, S))
+    plan[0, :, 0] = mass
+    plan[0, np.arange(1, L), np.arange(1, L)] = 1 - mass[1:]
+    found = first_token_mass_by_signal(
+        plan, scores, edges=[0.0, 1.0, 2.0, 3.0], allowed=allowed
+    )
+    np.testing.assert_array_equal(found.centres, [0.5, 1.5, 2.5])
+    np.testing.assert_array_equal(found.counts, [1, 2, 0])
+    np.testing.assert_allclose(found.mass, [0.8, 0.3, np.nan], atol=FLOAT64_TOL)
+    assert found.outside == 1  # omega = 3.5 lies beyond the last edge
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: even_spread_mass(np.ones((2, 2)), 2, 2), r"allowed must be a bool"),
+        (lambda: even_spread_mass(np.eye(3, dtype=bool), 3, 3), r"no informative"),
+        (lambda: score_range(np.ones(3)), r"scores must have shape"),
+        (lambda: score_range(np.ones((1, 2, 2)), allowed=np.ones((2, 2))), r"bool"),
+        (
+            lambda: first_token_mass_by_signal(
+                np.ones((1, 2, 2)), np.ones((1, 2, 2)), edges=[1.0]
+            ),
+            r"edges must be increasing",
+        ),
+        (
+            lambda: first_token_mass_by_signal(
+                np.ones((1, 2, 2)), np.ones((1, 2, 2)), edges=[1.0, 0.0]
+            ),
+            r"edges must be increasing",
+        ),
+        (
+            lambda: first_token_mass_by_signal(
+                np.ones((1, 2, 2)), np.ones((1, 3, 2)), edges=[0.0, 1.0]
+            ),
+            r"scores of shape \(1, 3, 2\) must have the plan's shape \(1, 2, 2\)",
+        ),
+    ],
+)
+def test_bad_input_to_the_reference_and_signal_metrics_raises(call, message):
     with pytest.raises(ValueError, match=message):
         call()

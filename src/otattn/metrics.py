@@ -17,19 +17,31 @@ averages the heads; the sink fraction counts the heads whose mass exceeds a thre
 :math:`\gamma` (:cite:`gu2024sink` use a metric of this form, counting every query
 from the first token on).
 
+Two companions read a trained model's maps: :func:`even_spread_mass`, the mass a head
+that spreads its weight evenly would put on the first token over the same queries (the
+level a sink must clear), and :func:`first_token_mass_by_signal`, the first-token mass
+binned by each query's content-score range :math:`\omega_i`
+(:prf:ref:`prop-collapse`: the smaller :math:`\omega_i`, the closer the row is to its
+prior).
+
 References: :cite:`xiao2023streaming`, :cite:`gu2024sink`.
 """
 
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "SignalBins",
+    "even_spread_mass",
     "first_token_mass",
+    "first_token_mass_by_signal",
     "first_token_mass_per_head",
     "informative_queries",
+    "score_range",
     "sink_head_fraction",
 ]
 
@@ -180,3 +192,154 @@ def sink_head_fraction(plan, *, threshold: float, allowed=None) -> float:
             f"got {threshold!r}"
         )
     return float(np.mean(first_token_mass_per_head(plan, allowed=allowed) > threshold))
+
+
+def even_spread_mass(allowed, L: int, S: int) -> float:
+    r"""First-token mass of a head that spreads its weight evenly over what it sees.
+
+    .. math::
+
+        \bar\alpha_{\mathrm{even}} = \operatorname{mean}_{i \in I} 1/n_i,
+
+    with :math:`n_i` the number of keys query :math:`i` may attend to and :math:`I`
+    the informative queries (:func:`informative_queries`): the reference a sink head
+    must exceed.  Under a causal mask :math:`n_i = i + 1`.
+
+    Parameters
+    ----------
+    allowed : array_like of bool, broadcastable to (..., L, S), or None
+        Where the queries may attend; ``None``: everywhere (the result is ``1/S``).
+    L, S : int
+        Number of queries and keys.
+
+    Returns
+    -------
+    mass : float
+
+    Raises
+    ------
+    ValueError
+        If ``allowed`` is not boolean or does not broadcast, or no query is
+        informative.
+    """
+    informative = informative_queries(allowed, L, S)
+    if not informative.any():
+        raise ValueError(
+            "no informative query: "
+            "every query sees either no first token or nothing else"
+        )
+    if allowed is None:
+        return 1.0 / S
+    seen = np.broadcast_to(np.asarray(allowed), informative.shape + (S,)).sum(axis=-1)
+    return float(np.mean(1.0 / seen[informative]))
+
+
+def score_range(scores, *, allowed=None) -> np.ndarray:
+    r"""Content-score range, :math:`\omega_i = \max_k s_{ik} - \min_k s_{ik}`.
+
+    Over the keys :math:`k` the query may attend to, as in :prf:ref:`prop-collapse`
+    (:eq:`eq-collapse`).  Pass the *content* scores, without the log-prior: the bound
+    compares the plan with its prior.
+
+    Parameters
+    ----------
+    scores : array_like, shape (..., L, S)
+        Content scores, real and finite.
+    allowed : array_like of bool, broadcastable to (..., L, S), optional
+        Where the queries may attend; ``None``: everywhere.
+
+    Returns
+    -------
+    omega : ndarray of float64, shape (..., L)
+        NaN for a query that sees no key.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim < 2 or not np.isfinite(scores).all():
+        raise ValueError(
+            f"scores must have shape (..., L, S) and be finite, got {scores.shape}"
+        )
+    if allowed is None:
+        return np.ptp(scores, axis=-1)
+    allowed = np.asarray(allowed)
+    if allowed.dtype != bool:
+        raise ValueError(f"allowed must be a boolean mask, got dtype {allowed.dtype}")
+    try:
+        allowed = np.broadcast_to(allowed, scores.shape)
+    except ValueError:
+        raise ValueError(
+            f"allowed of shape {allowed.shape} does not broadcast to {scores.shape}"
+        ) from None
+    seen = allowed.any(axis=-1, keepdims=True)
+    allowed = allowed | ~seen  # a query that sees nothing: any finite range, then NaN
+    high = np.where(allowed, scores, -np.inf).max(axis=-1)
+    low = np.where(allowed, scores, np.inf).min(axis=-1)
+    return np.where(seen[..., 0], high - low, np.nan)
+
+
+@dataclass(frozen=True)
+class SignalBins:
+    r"""First-token mass in bins of :math:`\omega` (:func:`first_token_mass_by_signal`).
+
+    ``edges`` (n + 1,) and ``centres`` (n,) of the bins of :math:`\omega`; ``mass``
+    (n,) the mean first-token weight of the queries in each bin (NaN in an empty bin);
+    ``counts`` (n,) how many queries each bin holds; ``outside`` how many informative
+    queries fell outside the edges.
+    """
+
+    edges: np.ndarray
+    centres: np.ndarray
+    mass: np.ndarray
+    counts: np.ndarray
+    outside: int
+
+
+def first_token_mass_by_signal(plan, scores, *, edges, allowed=None) -> SignalBins:
+    r"""Mean first-token weight :math:`P_{i0}` in bins of the content range.
+
+    Every informative query (:func:`informative_queries`) of every batch row and head
+    is one sample :math:`(\omega_i, P_{i0})`, with :math:`\omega_i` from
+    :func:`score_range`.  Bin :math:`b` holds :math:`e_b \le \omega < e_{b+1}` (the
+    last bin also its right edge).  By :eq:`eq-collapse`, a row with small
+    :math:`\omega_i` follows its prior: a prior sink shows as high mass at small
+    :math:`\omega`, falling as the content signal grows :cite:`litman2026priors`.
+
+    Parameters
+    ----------
+    plan : array_like, shape (..., H, L, S)
+        Attention weights; key 0 is the first token.
+    scores : array_like, shape (..., H, L, S)
+        The content scores of the same heads (without the log-prior).
+    edges : array_like, shape (n + 1,)
+        Strictly increasing bin edges, n >= 1.
+    allowed : array_like of bool, broadcastable to (..., H, L, S), optional
+
+    Returns
+    -------
+    SignalBins
+    """
+    plan = _as_plan(plan)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != plan.shape:
+        raise ValueError(
+            f"scores of shape {scores.shape} must have the plan's shape {plan.shape}"
+        )
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.ndim != 1 or edges.size < 2 or not (np.diff(edges) > 0).all():
+        raise ValueError(
+            f"edges must be increasing, with at least two, got {edges.tolist()}"
+        )
+    L, S = plan.shape[-2:]
+    informative = np.broadcast_to(informative_queries(allowed, L, S), plan.shape[:-1])
+    omega = score_range(scores, allowed=allowed)[informative]
+    mass = plan[..., 0][informative]
+    counts, _ = np.histogram(omega, bins=edges)
+    totals, _ = np.histogram(omega, bins=edges, weights=mass)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, totals / counts, np.nan)
+    return SignalBins(
+        edges=edges,
+        centres=(edges[1:] + edges[:-1]) / 2,
+        mass=means,
+        counts=counts,
+        outside=int(omega.size - counts.sum()),
+    )
