@@ -117,9 +117,9 @@ shakespeare: $(STAMP)
 	    --scratch-dir runs/shakespeare_lr --data-dir book/data/shakespeare_lr/lr$$lr \
 	    || exit 1; \
 	done
-	$(PY) -m otattn.experiments.probes book/data/shakespeare_runs
+	$(PY) -m otattn probes book/data/shakespeare_runs
 	for lr in $(SHAKESPEARE_LRS); do \
-	  $(PY) -m otattn.experiments.probes book/data/shakespeare_lr/lr$$lr \
+	  $(PY) -m otattn probes book/data/shakespeare_lr/lr$$lr \
 	    --scratch-dir runs/shakespeare_lr/lr$$lr --length-factors --sample-chars 0 \
 	    --throughput-rounds 0 || exit 1; \
 	done

@@ -375,7 +375,7 @@ def test_the_probe_command_probes_a_sweep_end_to_end(tmp_path, capsys):
     assert gated["gate_histogram"].shape == (2, 4) and "term_u" not in gated
     assert gated["gate_histogram"].sum() == 2 * 2 * 16 * 2  # layers, B, L, heads
     meta = json.loads((data / "probes.json").read_text())
-    assert meta["command"].startswith("python -m otattn.experiments.probes")
+    assert meta["command"].startswith("python -m otattn probes")
     assert set(meta["runs"]) == {"goat-seed0", "rope-seed0", "gated_headwise-seed0"}
     for run in meta["runs"].values():
         # the prompt and 10 characters (a sampled start token decodes to nothing)

@@ -162,6 +162,12 @@ def _extrapolate(argv: list[str]) -> int:
     return extrapolation.main(argv)
 
 
+def _probes(argv: list[str]) -> int:
+    from otattn.experiments import probes
+
+    return probes.main(argv)
+
+
 # Commands with parsers of their own: everything after the name is theirs.
 DELEGATED = {
     "train": (_train, "train a tiny GPT on a sequence task (see train --help)"),
@@ -170,6 +176,7 @@ DELEGATED = {
         _extrapolate,
         "score a retrieval sweep at longer lengths (see extrapolate --help)",
     ),
+    "probes": (_probes, "sinks, gates and activations of a sweep (see probes --help)"),
 }
 
 

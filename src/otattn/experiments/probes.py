@@ -20,7 +20,7 @@ The measurements that set a trained language model beside the papers' claims
   recomputed from each attention layer's input as the layer computes them;
 - :func:`loss_spikes`: a spike rule on a logged training-loss curve.
 
-``python -m otattn.experiments.probes DATA_DIR`` runs them all on the runs of a
+``python -m otattn probes DATA_DIR`` runs them all on the runs of a
 finished sweep of the ``shakespeare`` task, reading each run's checkpoint from the
 scratch folder (:func:`otattn.experiments.extrapolation.load_model`), and writes
 ``probes.npz`` into each run's folder and ``probes.json`` and ``throughput.csv`` next
@@ -88,7 +88,7 @@ __all__ = [
     "sink_mass",
 ]
 
-PROG = "python -m otattn.experiments.probes"
+PROG = "python -m otattn probes"
 PROBE_STREAM = 4  # batch_generator stream of the probe sequences (train uses 0-2)
 # Bins of the content range omega: 0, then doubling from 1/4 to 256 (trained heads
 # reach omega of tens: at 50 steps, most queries of a 4-layer model had omega > 16).
