@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from otattn import spectral  # noqa: E402
 from otattn.nn import GoatAttention, GoatConfig  # noqa: E402
 from otattn.nn import priors as nn_priors  # noqa: E402
+from otattn.nn.functional import QUERY_BLOCK  # noqa: E402
 from otattn.nn.priors import (  # noqa: E402
     GoatPrior,
     log_prior_from_lanes,
@@ -179,7 +180,10 @@ def test_warmed_forward_does_no_host_work_proportional_to_l(monkeypatch):
       ``torch.tensor``/``torch.as_tensor`` of host data and the NumPy phase functions
       are spied on, and none may be called;
     - a Python loop over tokens: every aten op the forward dispatches is recorded, and
-      the list is the same at L = 64 and L = 512;
+      the list is the same at L = 64 and L = 128 (a float32 causal layer loops over
+      blocks of ``QUERY_BLOCK`` = 128 queries, one kernel call each, so both lengths
+      are one block; ``test_recentred_layer_loops_over_blocks_not_tokens`` checks
+      that loop);
     - copies of single numbers to the host (``.item()``, ``int(t)``: the aten op
       ``_local_scalar_dense``, a sync on a GPU): a fixed few per call, measured 3 (the
       position range check, once for the relative lanes and once for the sink term,
@@ -192,7 +196,7 @@ def test_warmed_forward_does_no_host_work_proportional_to_l(monkeypatch):
     torch.manual_seed(0)
     layer = GoatAttention(GoatConfig(n_embd=64, n_head=4, rank=3, sink_hidden=4))
     runs = {}
-    for L in (64, 512):
+    for L in (64, QUERY_BLOCK):
         x, pos = torch.randn(2, L, 64), 10**6 + torch.arange(L)
         layer(x, positions=pos)  # warm: the frequencies are made once and kept
         bridges = _spy_on_host_bridges(monkeypatch)
@@ -201,9 +205,28 @@ def test_warmed_forward_does_no_host_work_proportional_to_l(monkeypatch):
         monkeypatch.undo()
         assert bridges == [], bridges
         runs[L] = work.ops
-    assert runs[64] == runs[512]
+    assert runs[64] == runs[QUERY_BLOCK]
     syncs = collections.Counter(runs[64])["aten._local_scalar_dense.default"]
     assert syncs <= 3, syncs
+
+
+def test_recentred_layer_loops_over_blocks_not_tokens():
+    """The float32 causal layer re-centres the sink lane per block of QUERY_BLOCK
+    queries (book, sec-precision-float32): from two blocks on, every block more adds
+    the same ops, and nothing is added per token.  (From two on: the first block has
+    no past keys, and a slice that spans a whole axis, as the last block's do,
+    dispatches differently.)"""
+    torch.manual_seed(0)
+    layer = GoatAttention(GoatConfig(n_embd=64, n_head=4, rank=3, sink_hidden=4))
+    ops = []
+    for blocks in (2, 3, 4):
+        L = blocks * QUERY_BLOCK
+        x, pos = torch.randn(2, L, 64), 10**6 + torch.arange(L)
+        layer(x, positions=pos)
+        with _HostWork() as work:
+            layer(x, positions=pos)
+        ops.append(collections.Counter(work.ops))
+    assert ops[2] - ops[1] == ops[1] - ops[0] != collections.Counter()
 
 
 class _HostTensors(TorchDispatchMode):

@@ -10,21 +10,34 @@ a float64 computation of the *same* function on the *same* numbers (book,
   prior's lanes add, not the rounding of the inputs, which both sides share.
 - ``sdpa`` is plain scaled dot-product attention with head size D: the floor, the error
   a low-precision kernel makes anyway.
+- ``sdpa_prior`` is the fair baseline for a prior: the same SDPA call given the prior
+  as a float32 ``attn_mask`` (the kernel adds it to the float32 scores), materialised
+  in float64 and shifted per row by its value at the query's own key (a row constant,
+  so that the values near the diagonal are small and float32 holds them to
+  :math:`2^{-24}` relative): the same prior, no lanes.  It builds an ``L x S`` mask
+  per head, fine for a measurement.
 - ``goat`` is :func:`otattn.nn.functional.goat_attention` with the sink lane in three
   channels (the layer's default ``sink_parts = 3``); ``goat_1part`` is the same with one
   channel (the previous design); ``goat_split`` also splits every relative key lane in
   two (``rel_parts = 2``, 2R more channels).  All use the same D, so their content size
-  is D minus their prior channels.
+  is D minus their prior channels.  In float32 all three re-centre the sink lane on
+  every block of ``QUERY_BLOCK`` queries (the default of ``goat_attention`` and the
+  layer); ``goat_1call`` is ``goat`` in one kernel call, float32 only (in bfloat16 and
+  float16 ``goat`` is one call).
 - The prior ``setting``: ``spectral`` (relative weights
-  :math:`\alpha, \beta \sim \mathcal N(0, 0.5^2)`, a sink MLP, no recency), ``recency``
-  (the same plus ALiBi's slopes :math:`2^{-8h/H}`), ``large`` (weights
+  :math:`\alpha, \beta \sim \mathcal N(0, 0.5^2)`, a sink MLP, no recency),
+  ``recency`` (the same plus ALiBi's slopes :math:`2^{-8h/H}`), ``large`` (weights
   :math:`\mathcal N(0, 1)`, sink and ALiBi slopes): magnitudes a trained layer may
   reach.
 
 The kernel runs causal self-attention at absolute positions ``offset + 0 .. L-1``, with
 recency measured from the last query (as :class:`otattn.nn.goat.GoatAttention` does).
-Errors: ``out_err`` = ``max |out - ref|``, ``out_rel`` = that over ``max |ref|``,
-``grad_rel`` = the largest over q, k, v of ``max |grad - grad_ref| / max |grad_ref|``.
+Errors over the measured rows: ``out_err`` = ``max |out - ref|``, ``out_rel`` = that
+over ``max |ref|``, ``out_rms`` the root-mean-square of ``out - ref``, ``rms_rel`` that
+over the RMS of ``ref``, ``grad_rel`` = the largest over q, k, v of
+``max |grad - grad_ref| / max |grad_ref|``.  Per case, ``ratio_to_sdpa`` is
+``out_err`` over plain SDPA's and ``rms_to_fair`` is ``out_rms`` over ``sdpa_prior``'s
+with the same prior.
 
 :func:`layer_errors` compares whole layers: ours against the authors' package
 (``goat-attention`` 0.1.1, loaded into ours with
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import math
 import os
 import time
@@ -46,8 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from otattn.nn._checks import check_int
-from otattn.nn.functional import goat_attention
-from otattn.nn.priors import GoatPrior, alibi_slopes
+from otattn.nn.functional import QUERY_BLOCK, goat_attention
+from otattn.nn.priors import GoatPrior, alibi_slopes, log_prior_from_lanes
 
 __all__ = [
     "COLUMNS",
@@ -66,7 +80,7 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
-METHODS = ("sdpa", "goat", "goat_1part", "goat_split")
+METHODS = ("sdpa", "sdpa_prior", "goat", "goat_1part", "goat_split", "goat_1call")
 SETTINGS = ("spectral", "recency", "large")
 COLUMNS = (
     "method",
@@ -76,12 +90,21 @@ COLUMNS = (
     "offset",
     "out_err",
     "out_rel",
+    "out_rms",
+    "rms_rel",
     "grad_rel",
     "ratio_to_sdpa",
+    "rms_to_fair",
     "seconds",
 )
-# (sink_parts, rel_parts) of each GOAT method
-_PARTS = {"goat": (3, 1), "goat_1part": (1, 1), "goat_split": (3, 2)}
+_NUMBERS = COLUMNS[COLUMNS.index("out_err") :]
+# (sink_parts, rel_parts, query_block) of each GOAT method
+_PARTS = {
+    "goat": (3, 1, QUERY_BLOCK),
+    "goat_1part": (1, 1, QUERY_BLOCK),
+    "goat_split": (3, 2, QUERY_BLOCK),
+    "goat_1call": (3, 1, None),
+}
 
 
 @dataclass(frozen=True)
@@ -148,16 +171,33 @@ def _run(method: str, q, k, v, prior, query_pos, key_pos, origin):
 
     The queries ``q`` are the last rows of the sequence so far.
     """
+    L, S = q.shape[-2], k.shape[-2]
+    future = torch.ones(L, S, dtype=torch.bool).triu(S - L + 1)
     if method == "sdpa":
-        L, S = q.shape[-2], k.shape[-2]
-        mask = torch.ones(L, S, dtype=torch.bool).tril(diagonal=S - L)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if L == S else mask, is_causal=L == S
+            q, k, v, attn_mask=None if L == S else ~future, is_causal=L == S
         )
     lanes = prior.lanes(query_pos, key_pos, key_origin=origin)
-    sink_parts, rel_parts = _PARTS[method]
+    if method == "sdpa_prior":
+        log_prior = log_prior_from_lanes(lanes).double()  # (H, L, S)
+        if q.dtype != torch.float64:  # a row constant: small near the diagonal
+            log_prior = (
+                log_prior - log_prior[..., S - L :].diagonal(0, -2, -1)[..., None]
+            )
+        mask = log_prior.masked_fill(future, -math.inf)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.to(torch.promote_types(q.dtype, torch.float32))
+        )
+    sink_parts, rel_parts, query_block = _PARTS[method]
     return goat_attention(
-        q, k, v, lanes, is_causal=True, sink_parts=sink_parts, rel_parts=rel_parts
+        q,
+        k,
+        v,
+        lanes,
+        is_causal=True,
+        sink_parts=sink_parts,
+        rel_parts=rel_parts,
+        query_block=query_block,
     )
 
 
@@ -179,7 +219,10 @@ def kernel_error(
     only three blocks of ``block`` query rows are computed (the first, a middle and the
     last; each sees all its earlier keys, so its rows are exactly those of the full
     forward): the cost falls from :math:`L^2` to :math:`3 \cdot \text{block} \cdot L`
-    while the far-from-origin queries stay in.
+    while the far-from-origin queries stay in.  (In float32 the GOAT methods re-centre
+    the sink lane on each block of ``QUERY_BLOCK`` of these rows, as the layer does on
+    its own blocks.)  Returns the columns of the module docstring from ``out_err`` to
+    ``grad_rel``, and ``seconds``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -196,14 +239,15 @@ def kernel_error(
     if method != "sdpa":
         prior64 = make_prior(setting, cfg, dt, seed=seed)
         # The low-precision model's prior: parameters in the model dtype, lanes formed
-        # in float32.
-        prior_lo = copy.deepcopy(prior64).to(dt)
+        # in float32; the fair baseline's mask is made from the float64 prior.
+        prior_lo = prior64 if method == "sdpa_prior" else copy.deepcopy(prior64).to(dt)
+    if method in _PARTS:
         d_qk = D - (2 * cfg.rank * _PARTS[method][1] + _PARTS[method][0])
     q, k = _draw((B, H, L, d_qk), dt, g), _draw((B, H, L, d_qk), dt, g)
     v, grad = _draw((B, H, L, D), dt, g), _draw((B, H, L, D), dt, g)
     pos, origin = offset + torch.arange(L), offset + L - 1
     t0 = time.perf_counter()
-    out_err = size = 0.0
+    out_err = size = squares = ref_squares = count = 0.0
     grad_err, grad_size = [0.0] * 3, [0.0] * 3
     for a, b in _blocks(L, block):
         results = {}
@@ -224,12 +268,17 @@ def kernel_error(
             max(out_err, (got - ref).abs().max().item()),
             max(size, ref.abs().max().item()),
         )
+        squares += (got - ref).square().sum().item()
+        ref_squares += ref.square().sum().item()
+        count += ref.numel()
         for n, (x, y) in enumerate(zip(got_grads, ref_grads)):
             grad_err[n] = max(grad_err[n], (x - y).abs().max().item())
             grad_size[n] = max(grad_size[n], y.abs().max().item())
     return dict(
         out_err=out_err,
         out_rel=out_err / size,
+        out_rms=math.sqrt(squares / count),
+        rms_rel=math.sqrt(squares / ref_squares),
         grad_rel=max(e / s for e, s in zip(grad_err, grad_size)),
         seconds=time.perf_counter() - t0,
     )
@@ -247,68 +296,65 @@ def run_grid(
     block: int = 256,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Every (dtype, L, offset): ``sdpa`` once, and each GOAT method per setting.
+    """Every (dtype, L, offset): ``sdpa`` once, and the other methods per setting.
 
-    Each row's ``ratio_to_sdpa`` is its error over that of ``sdpa`` in the same case.
+    ``goat_1call`` runs in float32 only (in a low precision it is ``goat``).  Each row
+    gets ``ratio_to_sdpa`` (its ``out_err`` over ``sdpa``'s in the same case) and, for
+    the GOAT methods, ``rms_to_fair`` (its ``out_rms`` over ``sdpa_prior``'s with the
+    same prior, when that ran; NaN otherwise).
     """
     rows = []
-    for dtype in dtypes:
-        for L in lengths:
-            for offset in offsets:
-                floor = kernel_error(
-                    "sdpa",
-                    "spectral",
-                    dtype,
-                    L,
-                    offset=offset,
-                    cfg=cfg,
-                    seed=seed,
-                    block=block,
-                )
+    for dtype, L, offset in itertools.product(dtypes, lengths, offsets):
+        case = dict(dtype=dtype, L=L, offset=offset)
+
+        def measure(method, setting):
+            return kernel_error(
+                method,
+                setting,
+                dtype,
+                L,
+                offset=offset,
+                cfg=cfg,
+                seed=seed,
+                block=block,
+            )
+
+        floor = measure("sdpa", "spectral")
+        rows.append(dict(method="sdpa", setting="", **case, **floor, ratio_to_sdpa=1.0))
+        rows[-1]["rms_to_fair"] = math.nan
+        for setting in settings:
+            fair = math.nan
+            for method in methods:
+                if method == "sdpa" or (method == "goat_1call" and dtype != "float32"):
+                    continue
+                err = measure(method, setting)
+                if method == "sdpa_prior":
+                    fair = err["out_rms"]
                 rows.append(
                     dict(
-                        method="sdpa",
-                        setting="",
-                        dtype=dtype,
-                        L=L,
-                        offset=offset,
-                        **floor,
-                        ratio_to_sdpa=1.0,
+                        method=method,
+                        setting=setting,
+                        **case,
+                        **err,
+                        ratio_to_sdpa=err["out_err"] / floor["out_err"],
+                        rms_to_fair=(
+                            math.nan
+                            if method == "sdpa_prior"
+                            else err["out_rms"] / fair
+                        ),
                     )
                 )
-                for setting in settings:
-                    for method in [m for m in methods if m != "sdpa"]:
-                        err = kernel_error(
-                            method,
-                            setting,
-                            dtype,
-                            L,
-                            offset=offset,
-                            cfg=cfg,
-                            seed=seed,
-                            block=block,
-                        )
-                        rows.append(
-                            dict(
-                                method=method,
-                                setting=setting,
-                                dtype=dtype,
-                                L=L,
-                                offset=offset,
-                                **err,
-                                ratio_to_sdpa=err["out_err"] / floor["out_err"],
-                            )
-                        )
-                worst = max(
-                    r["ratio_to_sdpa"]
-                    for r in rows[-len(settings) * (len(methods) - 1) - 1 :]
-                    if r["method"] == "goat"
-                )
-                log(
-                    f"  {dtype:8s} L={L:6d} offset={offset:>7d}: "
-                    f"sdpa {floor['out_err']:.2e}, goat / sdpa worst {worst:.2f}"
-                )
+        goat = [r for r in rows if r["method"] == "goat" and _in_case(r, case)]
+        log(
+            f"  {dtype:8s} L={L:6d} offset={offset:>7d}: sdpa {floor['out_err']:.2e}, "
+            f"goat / sdpa worst {max(r['ratio_to_sdpa'] for r in goat):.2f}, "
+            f"goat rms / fair worst {max(r['rms_to_fair'] for r in goat):.2f}"
+        )
     return rows
+
+
+def _in_case(row: dict, case: dict) -> bool:
+    return all(row[key] == value for key, value in case.items())
 
 
 def layer_errors(
@@ -451,20 +497,26 @@ def write_csv(path, rows: list[dict], meta: dict[str, str]) -> None:
         for row in rows:
             writer.writerow(
                 {
-                    c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+                    c: (
+                        ""
+                        if isinstance(row[c], float) and math.isnan(row[c])
+                        else f"{row[c]:.6g}"
+                        if isinstance(row[c], float)
+                        else row[c]
+                    )
                     for c in COLUMNS
                 }
             )
 
 
 def read_csv(path) -> list[dict]:
-    """Rows of a CSV written by :func:`write_csv`, numbers parsed."""
+    """Rows of a CSV written by :func:`write_csv`, numbers parsed (NaN where empty)."""
     with open(path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     for row in rows:
         row["L"], row["offset"] = int(row["L"]), int(row["offset"])
-        for c in ("out_err", "out_rel", "grad_rel", "ratio_to_sdpa", "seconds"):
-            row[c] = float(row[c])
+        for c in _NUMBERS:
+            row[c] = float(row[c]) if row.get(c) else math.nan
     return rows
 
 

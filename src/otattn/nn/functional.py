@@ -35,6 +35,13 @@ Which SDPA path each case takes (measured with torch 2.13 on CPU under
   added to the key's sink lane, whose query partner is the constant 1, so every case
   above keeps its path.  Rows left with no visible key return zero (:eq:`eq-empty-row`).
 
+Those are the paths of :func:`lane_attention`, one kernel call.  In float32 with
+``is_causal``, :func:`goat_attention` (and the float32 layer) instead re-centres the
+sink lane on every block of ``QUERY_BLOCK`` queries, two calls of the same CPU flash
+kernel per block (:func:`otattn.nn.recentred.recentred_attention`), so that the recency
+term does not cost float32 its accuracy at long context (book,
+:ref:`sec-precision-float32`).
+
 Causal alignment: query ``i`` of ``L`` is key ``S - L + i`` (the queries are the last L
 keys, as the default positions of :func:`otattn.priors.position_lag`).  Positions enter
 only the prior; causality is by index.
@@ -56,6 +63,7 @@ from otattn.nn._checks import check_bool, check_int, check_key_mask
 from otattn.nn.priors import Lanes
 
 __all__ = [
+    "QUERY_BLOCK",
     "fused_query_key",
     "goat_attention",
     "lane_attention",
@@ -63,6 +71,16 @@ __all__ = [
     "sink_channels",
     "split_lane",
 ]
+
+# Queries per block when the sink lane is re-centred block by block (float32 causal
+# attention, :func:`otattn.nn.recentred.recentred_attention`).  The logits that matter
+# then stay within about 128 m of zero (m the largest recency slope), where float32
+# rounds by 128 m 2**-24: measured at L = 16384 with ALiBi's slopes up to 1/4, GOAT's
+# float32 error is 4.7 to 4.9 times plain SDPA's (650 times with one origin for all
+# queries), and forward+backward took 1.01 to 1.10 times plain SDPA at L = 2048 to
+# 16384 (book, sec-precision-float32).  Blocks of 128 err less (3.3 times) but make the
+# CPU kernel split its queries more finely: forward+backward took 1.14 to 1.25 times.
+QUERY_BLOCK = 256
 
 # Log-prior given to a masked key in its sink lane.  It must make exp(logit) vanish next
 # to the row's largest logit: float32 underflows below e**-104 and float64 below
@@ -169,7 +187,8 @@ def fused_query_key(
         ``query`` (H, L, N_pi) and ``key`` (G or 1, S, N_pi), e.g. from
         :meth:`otattn.nn.priors.GoatPrior.lanes`, or (B, H, L, N_pi) and
         (B, G or 1, S, N_pi) with one row per sequence (positions of shape (B, L));
-        :math:`N_\pi` lanes, the last the sink lane.
+        :math:`N_\pi` lanes, the last the sink lane, taken from ``lanes.sink`` (float64
+        with a recency term) where that is given.
     sink_parts, rel_parts : int, default 1
         Channels that carry the last (sink) lane, and each of the others.
     scale_in_kernel : bool, default False
@@ -218,11 +237,8 @@ def fused_query_key(
         k_rel = split_lane(k_rel, dtype, rel_parts).transpose(-1, -2).flatten(-2)
         q_rel = q_rel.repeat(*[1] * (q_rel.ndim - 1), rel_parts)
     q_sink = lanes.query[..., -1:].to(dtype).expand(*batch, H, L, sink_parts)
-    u = (
-        lanes.key[..., -1].to(torch.float64) * root
-        if scale_in_kernel
-        else lanes.key[..., -1]
-    )
+    u = lanes.key[..., -1] if lanes.sink is None else lanes.sink  # float64 if exact
+    u = u.to(torch.float64) * root if scale_in_kernel else u
     k_sink = (
         u[..., None].to(dtype)
         if sink_parts == 1
@@ -308,12 +324,7 @@ def lane_attention(
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
     check_key_mask(key_mask, B, S)
     if key_mask is not None:
-        # -1e4 after the kernel's scale, or the most float16 can hold (then still below
-        # -1e3 for d_c < 250)
-        masked = -min(-_MASKED_LOG_PRIOR / scale, torch.finfo(k.dtype).max / 4)
-        floor = torch.where(key_mask, 0.0, masked).to(k.dtype)[
-            :, None, :, None
-        ]  # (B, 1, S, 1)
+        floor = _key_floor(key_mask, scale, k.dtype)[:, None, :, None]  # (B, 1, S, 1)
         k = torch.cat([k[..., :-1], k[..., -1:] + floor], dim=-1)
     attn_mask, causal_flag = None, False
     if is_causal:
@@ -337,19 +348,36 @@ def lane_attention(
         scale=scale,
         enable_gqa=G != H,
     )
-    if key_mask is not None:
-        # Row i sees keys up to last[i]; it is empty if the first allowed key is later.
-        last = (
-            torch.arange(S - L, S, device=q.device)
-            if is_causal
-            else torch.full((L,), S - 1, device=q.device)
-        )
-        first = torch.where(
-            key_mask.any(-1), key_mask.to(torch.int8).argmax(-1), S
-        )  # (B,)
-        seen = (first[:, None] <= last[None, :]).to(out.dtype)  # (B, L)
-        out = out * seen[:, None, :, None]
-    return out
+    return _zero_unseen_rows(out, key_mask, is_causal=is_causal)
+
+
+def _key_floor(key_mask: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """What a masked key's sink lane gains, (B, S): 0 where ``key_mask`` is True.
+
+    -1e4 after the kernel's ``scale``, or the most ``dtype`` can hold for float16
+    (then still below -1e3 for d_c < 250).
+    """
+    masked = -min(-_MASKED_LOG_PRIOR / scale, torch.finfo(dtype).max / 4)
+    return torch.where(key_mask, 0.0, masked).to(dtype)
+
+
+def _zero_unseen_rows(out: Tensor, key_mask: Tensor | None, *, is_causal: bool):
+    """``out`` (B, H, L, D) with the rows that see no allowed key set to zero.
+
+    Query i of L sees keys up to ``S - L + i`` (causal) or all S keys; the row is empty
+    if the first allowed key of ``key_mask`` (B, S) comes later (:eq:`eq-empty-row`).
+    """
+    if key_mask is None:
+        return out
+    L, S = out.shape[2], key_mask.shape[1]
+    last = (
+        torch.arange(S - L, S, device=out.device)
+        if is_causal
+        else torch.full((L,), S - 1, device=out.device)
+    )
+    first = torch.where(key_mask.any(-1), key_mask.to(torch.int8).argmax(-1), S)  # (B,)
+    seen = (first[:, None] <= last[None, :]).to(out.dtype)  # (B, L)
+    return out * seen[:, None, :, None]
 
 
 def goat_attention(
@@ -362,6 +390,7 @@ def goat_attention(
     key_mask: Tensor | None = None,
     sink_parts: int = 1,
     rel_parts: int = 1,
+    query_block: int | None = QUERY_BLOCK,
 ) -> Tensor:
     r"""GOAT attention through the fused kernel.
 
@@ -395,6 +424,11 @@ def goat_attention(
         Channels that carry the sink lane and each relative lane
         (:func:`fused_query_key`); ``sink_parts=3`` keeps the sink lane to about float32
         precision in bfloat16, which a recency term needs.
+    query_block : int or None, default ``QUERY_BLOCK`` (256)
+        In float32 with ``is_causal``, re-centre the sink lane on every block of this
+        many queries (:func:`otattn.nn.recentred.recentred_attention`): float32 then
+        keeps its accuracy with a recency term at long context (book,
+        :ref:`sec-precision-float32`).  ``None``, or another dtype: one kernel call.
 
     Returns
     -------
@@ -410,11 +444,31 @@ def goat_attention(
             f"the value head size must be d_c + D_pi = {d_c} + {D_pi} = {d_c + D_pi} "
             f"so that SDPA stays fused, got {v.shape[-1]}"
         )
+    scale = q.shape[-1] ** -0.5
+    if (
+        query_block is not None
+        and check_bool(is_causal, "is_causal")
+        and q.dtype == torch.float32
+    ):
+        from otattn.nn.recentred import recentred_attention  # it imports this module
+
+        u = lanes.key[..., -1] if lanes.sink is None else lanes.sink
+        u = u.expand(*u.shape[:-2], k.shape[1], u.shape[-1])  # (..., G, S)
+        return recentred_attention(
+            fused.query,
+            fused.key,
+            v,
+            u.to(torch.float64) * math.sqrt(q.shape[-1]),  # as fused_query_key's layout
+            sink_parts=sink_parts,
+            scale=scale,
+            key_mask=key_mask,
+            block=query_block,
+        )
     return lane_attention(
         fused.query,
         fused.key,
         v,
-        scale=q.shape[-1] ** -0.5,
+        scale=scale,
         is_causal=is_causal,
         key_mask=key_mask,
     )

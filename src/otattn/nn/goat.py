@@ -38,9 +38,15 @@ from otattn.nn._checks import (
     check_real,
     set_fields,
 )
-from otattn.nn.functional import fused_query_key, lane_attention, sink_channels
+from otattn.nn.functional import (
+    QUERY_BLOCK,
+    fused_query_key,
+    lane_attention,
+    sink_channels,
+)
 from otattn.nn.gated import gate_values
 from otattn.nn.priors import _SINK_ACTIVATIONS, GoatPrior
+from otattn.nn.recentred import recentred_attention
 
 __all__ = ["GoatAttention", "GoatConfig", "KVCache"]
 
@@ -333,9 +339,12 @@ class GoatAttention(nn.Module):
     The recency term of the sink lane is measured from the last query position of each
     call (the KV cache re-centres its keys to match), a row constant that keeps the lane
     small at the keys where causal attention puts its mass; the lane is carried by
-    ``sink_parts`` channels, each exact in the model dtype.  In bfloat16 the lanes are
-    bfloat16 (SDPA takes one dtype), formed from float32 values whose phases came from
-    float64 (book, :ref:`sec-torch-precision`).
+    ``sink_parts`` channels, each exact in the model dtype.  A float32 causal layer
+    goes further and re-centres the lane on every block of ``QUERY_BLOCK`` queries
+    (:func:`otattn.nn.recentred.recentred_attention`), so that its float32 error does
+    not grow with the length (book, :ref:`sec-precision-float32`).  In bfloat16 the
+    lanes are bfloat16 (SDPA takes one dtype), formed from float32 values whose phases
+    came from float64 (book, :ref:`sec-torch-precision`).
     """
 
     def __init__(self, config: GoatConfig) -> None:
@@ -465,19 +474,31 @@ class GoatAttention(nn.Module):
             rel_parts=cfg.rel_parts,
             scale_in_kernel=True,
         )
-        key = fused.key
+        key, sink = fused.key, lanes.sink  # sink: float64 with a recency term
         if cache is not None:
-            key, v = cache.append(
-                key, v, positions, lanes.key[..., -1], origin, self.prior.slope
+            key, v = cache.append(key, v, positions, sink, origin, self.prior.slope)
+            sink = cache.sink
+        if cfg.causal and L > 1 and key.dtype == torch.float32:
+            # one recency origin per block of queries (float32 at long context)
+            y = recentred_attention(
+                fused.query,
+                key,
+                v,
+                sink.detach().to(torch.float64) * math.sqrt(self.d_c),
+                sink_parts=cfg.sink_parts,
+                scale=self.d_c**-0.5,
+                key_mask=key_mask,
+                block=QUERY_BLOCK,
             )
-        y = lane_attention(
-            fused.query,
-            key,
-            v,
-            scale=self.d_c**-0.5,
-            is_causal=cfg.causal,
-            key_mask=key_mask,
-        )
+        else:
+            y = lane_attention(
+                fused.query,
+                key,
+                v,
+                scale=self.d_c**-0.5,
+                is_causal=cfg.causal,
+                key_mask=key_mask,
+            )
         if self.gate_proj is not None:
             y = y * gate_values(
                 x, self.gate_proj.weight.T.reshape(cfg.n_embd, cfg.n_head, -1)

@@ -37,9 +37,10 @@ position below :math:`2^{53}` (book, :ref:`sec-goat-phases`).  They are computed
 positions' device, so a forward pass on a GPU does no work on the host; a device
 without float64 (MPS) gets them from the host, in float32.  Everything after the phases
 is computed in the parameters' dtype promoted to at least float32, so a prior whose
-parameters are bfloat16 still forms its lanes in float32.  The lanes are cast to the
-model dtype only when they are joined to the queries and keys
-(:func:`otattn.nn.functional.fused_query_key`).
+parameters are bfloat16 still forms its lanes in float32, except the recency term
+:math:`m(p_j - p_0)` and the sink lane that holds it, which are formed in float64
+(exact: ``Lanes.sink``).  The lanes are cast to the model dtype only when they are
+joined to the queries and keys (:func:`otattn.nn.functional.fused_query_key`).
 
 Positions per sequence.  Every function takes positions with a leading batch axis,
 (B, N) (or (B, N, A) on a grid), one row per sequence: left-padded prompts of
@@ -87,10 +88,17 @@ class Lanes:
     number of key/value heads (or 1):
     :math:`K^h_{ij} = \langle \text{query}_{h i}, \text{key}_{g(h) j} \rangle`.
     With positions per sequence both carry a leading batch axis B.
+
+    ``sink`` (G, S), or (B, G, S), is the key's sink lane ``key[..., -1]`` as it was
+    formed: in float64 when it holds a recency term (exact, so that a kernel layout can
+    re-centre it on any key, book :ref:`sec-precision-float32`), and in the lanes'
+    dtype otherwise; ``None`` means ``key[..., -1]``.  The kernel layouts
+    (:func:`otattn.nn.functional.fused_query_key`) take the sink lane from here.
     """
 
     query: Tensor
     key: Tensor
+    sink: Tensor | None = None
 
 
 def _check_positions(pos: Tensor, name: str, n_axes: int | None = None) -> Tensor:
@@ -444,7 +452,9 @@ def sink_term(
 
     Returns
     -------
-    u : Tensor, shape (G, S), or (B, G, S), in the compute dtype (at least float32)
+    u : Tensor, shape (G, S), or (B, G, S)
+        In the compute dtype (at least float32), or in float64 with a recency term
+        (see :class:`Lanes`).
     """
     extra = 2 if log_position else 1
     if (
@@ -497,8 +507,8 @@ def _recency(
 ) -> Tensor:
     """``m_g (p_j - p_0)``, (G, S) or (B, G, S), at checked positions (S,) or (B, S).
 
-    The offset is an exact integer when it is scaled; ``key_origin`` is an int, or one
-    per sequence, (B,).
+    In float64 (float32 on a device without it), from the exact integer offset;
+    ``key_origin`` is an int, or one per sequence, (B,).
     """
     if slope.ndim != 1:
         raise ValueError(f"slope must have shape (G,), got {tuple(slope.shape)}")
@@ -513,8 +523,11 @@ def _recency(
         offset = key_pos - key_origin.to(key_pos.device, torch.int64)[..., None]
     else:
         offset = key_pos - (0 if key_origin is None else int(key_origin))
+    # float64 (where the device has it): a float32 slope times an integer offset below
+    # 2**29 is exact there, so the lane can be re-centred on any key without rounding
     exact = _exact_dtype(key_pos.device)
-    return slope.to(dtype)[:, None] * offset.to(exact).to(dtype)[..., None, :]
+    exact = torch.promote_types(exact, dtype)
+    return slope.to(exact)[:, None] * offset.to(exact)[..., None, :]
 
 
 def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
@@ -539,7 +552,7 @@ def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
         with a leading B when ``rel`` or ``u`` has one.
     """
     S = rel.key.shape[-2]
-    u = rel.key.new_zeros(1, S) if u is None else u.to(rel.key.dtype)
+    u = rel.key.new_zeros(1, S) if u is None else u
     if u.ndim not in (2, 3) or u.shape[-1] != S:
         raise ValueError(
             f"u must have shape (G, S={S}) or (B, G, S={S}), got {tuple(u.shape)}"
@@ -551,7 +564,7 @@ def goat_lanes(rel: Lanes, u: Tensor | None = None) -> Lanes:
     key = rel.key.new_empty(*batch, u.shape[-2], S, rel.key.shape[-1] + 1)
     key[..., :-1] = rel.key
     key[..., -1] = u
-    return Lanes(query=query, key=key)
+    return Lanes(query=query, key=key, sink=u)
 
 
 def log_prior_from_lanes(lanes: Lanes) -> Tensor:
