@@ -41,6 +41,16 @@ bench-peaked: $(STAMP)
 	$(PY) -m otattn bench $(BENCH_PEAKED) --out bench_peaked.csv
 	$(PY) -m otattn bench $(BENCH_PEAKED) --keep-denormals --out bench_peaked_denormals.csv
 
+## precision: GOAT's error against float64 in float32, bfloat16 and float16, beside plain SDPA
+## and the fair baseline (chapter 9), then the speed of the re-centred float32 kernel; writes
+## precision.csv and recentred_speed.csv (measured: about 28 and 10 minutes on one thread;
+## the book's own runs are book/data/precision_cpu.csv and book/data/recentred_speed_cpu.csv)
+.PHONY: precision
+precision: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m otattn precision --out precision.csv
+	OMP_NUM_THREADS=1 $(PY) -m otattn.experiments.recentred_speed \
+	  --lengths 2048 4096 8192 16384 --repeats 5 --out recentred_speed.csv
+
 ## lab: open the chapters as notebooks in JupyterLab (through jupytext)
 lab: $(STAMP)
 	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[lab]"
@@ -76,14 +86,14 @@ retrieval: $(STAMP)
 	$(PY) -m otattn sweep retrieval $(RETRIEVAL_TRAIN) --variants goat goat_gate rope \
 	  alibi nope sinusoidal learned --seeds 0 1 2 --data-dir book/data/retrieval --jobs 2
 	$(PY) -m otattn extrapolate book/data/retrieval --factors 1 2 4 8 16 32 --depths 11 \
-	  --samples 32 --keep-weights goat rope
+	  --samples 16 --keep-weights goat rope
 
 ## bench-layers: whole layers at long context (chapter 11): plain, RoPE, RoPE with the G1
 ## gate, GOAT, forward and forward+backward, time and peak memory; writes
 ## bench_layers.csv (the book's own run is book/data/bench_layers_cpu.csv)
 .PHONY: bench-layers
 bench-layers: $(STAMP)
-	$(PY) -m otattn bench --lengths 2048 4096 8192 --repeats 8 --methods sdpa \
+	$(PY) -m otattn bench --lengths 2048 4096 --repeats 5 --methods sdpa \
 	  plain_layer rope_layer gated_layer goat_layer --out bench_layers.csv
 
 ## shakespeare: the full experiment of chapter 12, a character language model on eight

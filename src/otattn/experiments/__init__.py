@@ -12,7 +12,14 @@
   :mod:`otattn.experiments.checkpoint` -- the training loop with its configuration and
   atomic, resumable checkpoints (``python -m otattn train``, also under ``torchrun``);
 - :mod:`otattn.experiments.sweep` -- one run per attention variant and seed, with the
-  small results kept for the book (``python -m otattn sweep``).
+  small results kept for the book (``python -m otattn sweep``, ``--jobs`` at once);
+- :mod:`otattn.experiments.retrieval` -- passkey and needle-in-a-haystack sequences;
+  :mod:`otattn.experiments.extrapolation` scores trained models on a depth x length
+  grid through their KV caches (``python -m otattn extrapolate``);
+  :mod:`otattn.experiments.throughput` times training and decoding;
+- :mod:`otattn.experiments.shakespeare` -- the Shakespeare text, its split and the
+  character task; :mod:`otattn.experiments.probes` -- sinks, gates and activations of
+  trained models (``python -m otattn probes``).
 
 Importing this package does not import PyTorch; the modules below it do.
 """

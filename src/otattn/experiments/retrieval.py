@@ -178,7 +178,7 @@ class Retrieval(Task):
 
         Draws, in this order: each sequence's kind and depth (B uniforms each, always
         drawn, so that fixing one leaves the other's draws as they were), then for
-        each sequence in turn the draws of :meth:`_passkey` or :meth:`_needle`.  Only
+        each sequence in turn the draws of ``_passkey`` or ``_needle``.  Only
         answers carry a loss weight: marks are ``TARGET`` for the key tokens after
         ``?`` and the target needle's value, ``OTHER`` for the distractors' values.
         """

@@ -112,12 +112,12 @@ def clean_play(raw: str) -> str:
     """A play's file as it enters the prepared text.
 
     Trailing spaces are cut from every line, blank lines at the start and the end are
-    dropped, :data:`CHARACTER_MAP` is applied, and the play ends with one newline.
+    dropped, ``CHARACTER_MAP`` is applied, and the play ends with one newline.
 
     Raises
     ------
     ValueError
-        If a line looks like Project Gutenberg's boilerplate (:data:`BOILERPLATE`).
+        If a line looks like Project Gutenberg's boilerplate (``BOILERPLATE``).
     """
     lines = [line.rstrip(" \t") for line in raw.split("\n")]
     for line in lines:
@@ -208,7 +208,7 @@ def load_text(path=None) -> str:
 
 
 def split_plays(text: str) -> tuple[str, ...]:
-    """The plays of the prepared text, in the order of :data:`PLAYS`."""
+    """The plays of the prepared text, in the order of ``PLAYS``."""
     starts = []
     for _, title in PLAYS:
         header = title + BYLINE
@@ -232,7 +232,7 @@ def split_play(play: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Split:
-    """Training and validation parts, one per play (:data:`PLAYS` order)."""
+    """Training and validation parts, one per play (``PLAYS`` order)."""
 
     train: tuple[str, ...]
     validation: tuple[str, ...]
@@ -254,7 +254,7 @@ _CODES[[ord(c) for c in ALPHABET]] = np.arange(1, len(ALPHABET) + 1)
 
 
 def encode(text: str) -> Tensor:
-    """Token ids (int64, shape (len(text),)) of characters of :data:`ALPHABET`."""
+    """Token ids (int64, shape (len(text),)) of characters of ``ALPHABET``."""
     raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     ids = _CODES[np.minimum(raw, 127)] if raw.size else raw.astype(np.int64)
     if raw.size != len(text) or (ids < 0).any():
