@@ -344,6 +344,9 @@ def test_shakespeare_generation_with_the_cache_equals_full_passes(variant):
 # ---------------------------------------------------------------- the command
 
 
+# The commands flush denormals first, as a script should; in a test process PyTorch's
+# thread pool started long before, so flush_denormals warns that it comes too late.
+@pytest.mark.filterwarnings("ignore:flush_denormals.. ran after:RuntimeWarning")
 def test_the_probe_command_probes_a_sweep_end_to_end(tmp_path, capsys):
     from otattn.experiments.sweep import main as sweep_main
 
