@@ -242,7 +242,7 @@ def recentred_attention(
         Multiplies the dot products, as in ``lane_attention``.
     key_mask : Tensor of bool, shape (B, S), optional
         ``True`` where the key may be attended.
-    block : int, default :data:`QUERY_BLOCK`
+    block : int, default ``QUERY_BLOCK``
         Queries per block.
 
     Returns
