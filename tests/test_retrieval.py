@@ -10,6 +10,7 @@ import torch
 from otattn.experiments.config import TrainConfig
 from otattn.experiments.extrapolation import (
     accuracy_interval,
+    cell_batch,
     depth_grid,
     evaluate_grid,
     load_model,
@@ -172,13 +173,8 @@ def test_greedy_decoding_through_the_cache_scores_as_the_argmax_of_one_pass(kind
         (96, 1.0),
     ]
     task = Retrieval(kind=kind, ask_all=False)
-    from otattn.experiments.extrapolation import GRID_STREAM, _cell_id
-    from otattn.experiments.train import batch_generator
-
     for r in rows:
-        cell = Retrieval(kind=kind, ask_all=False, depth=r["depth"])
-        g = batch_generator(7, GRID_STREAM, _cell_id(kind, r["length"], r["depth"]))
-        batch = cell.batch(g, 24, r["length"])
+        cell, batch = cell_batch(kind, r["length"], r["depth"], 24, seed=7)
         with torch.no_grad():
             logits = model(batch.inputs)
         totals = task.metric_totals(logits, batch)

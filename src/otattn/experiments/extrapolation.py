@@ -44,6 +44,7 @@ __all__ = [
     "GRID_COLUMNS",
     "PROG",
     "accuracy_interval",
+    "cell_batch",
     "depth_grid",
     "evaluate_grid",
     "load_model",
@@ -88,17 +89,15 @@ def evaluate_grid(
     ``"beyond"`` with ``correct`` None when the model refuses the length; the message
     is in ``"error"``).  ``progress`` is called with ``(done, cells)`` after each cell.
     """
-    options = dict(task_options or {})
-    options.update(kind=kind, ask_all=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows, cells = [], [(L, d) for L in lengths for d in depths]
     for index, (L, depth) in enumerate(cells):
-        task = Retrieval(**{**options, "depth": depth})
+        task, batch = cell_batch(
+            kind, L, depth, samples, seed=seed, task_options=task_options
+        )
         n = answer_length(task)
-        g = batch_generator(seed, GRID_STREAM, _cell_id(kind, L, depth))
-        batch = task.batch(g, samples, L)
         prompt = batch.inputs[:, : L - n + 1].to(device)
         answer = batch.targets[:, L - n :].to(device)
         row = dict(kind=kind, length=L, depth=depth, total=samples, status="ok")
@@ -118,6 +117,24 @@ def evaluate_grid(
             progress(index + 1, len(cells))
     model.train(was_training)
     return rows
+
+
+def cell_batch(
+    kind: str,
+    length: int,
+    depth: float,
+    samples: int,
+    *,
+    seed: int = 0,
+    task_options: dict | None = None,
+):
+    """The task and the ``samples`` sequences of one grid cell, as
+    :func:`evaluate_grid` draws them: ``(Retrieval, Batch)``, the target asked alone.
+    """
+    options = {**(task_options or {}), "kind": kind, "ask_all": False, "depth": depth}
+    task = Retrieval(**options)
+    g = batch_generator(seed, GRID_STREAM, _cell_id(kind, length, depth))
+    return task, task.batch(g, samples, length)
 
 
 def _cell_id(kind: str, length: int, depth: float) -> int:
