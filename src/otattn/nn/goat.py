@@ -416,8 +416,10 @@ class GoatAttention(nn.Module):
         ints (converted with ``torch.as_tensor``), default to ``0..L-1`` or continue
         the cache; a grid (``n_axes = A > 1``) needs them.  With a leading batch axis,
         (B, L) or (B, L, A), each sequence has its own positions: left-padded prompts
-        of different lengths (pass a ``key_mask`` that hides the padding; the padding's
-        positions are then free), or sequences that continue at different depths.
+        of different lengths (pass a ``key_mask`` that hides the padding; without a
+        cache the padding's positions are then free, with one they must not exceed
+        the prompt's last, since the cache continues after each row's largest
+        position), or sequences that continue at different depths.
         ``has_position`` (L,) or (B, L), boolean, is ``False`` at tokens without a
         position (class tokens), whose relative prior is zero.  ``key_mask`` (B, S),
         ``True`` where a key may be attended, covers the cached keys and the new ones.
