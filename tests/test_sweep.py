@@ -11,6 +11,7 @@ import torch
 from otattn.experiments.config import TrainConfig
 from otattn.experiments.sweep import (
     load_sweep,
+    load_task_sweep,
     main,
     model_with_saved_prior,
     run_name,
@@ -65,6 +66,11 @@ def test_a_sweep_keeps_metrics_run_and_goat_prior_and_skips_finished_runs(tmp_pa
     model = model_with_saved_prior(runs["goat", 0])
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in prior.items())
+
+    record, runs, config = load_task_sweep(data, "copy_mixture")
+    assert config == TrainConfig(**record["config"]) and len(runs) == 4
+    with pytest.raises(ValueError, match="is a sweep of copy_mixture, not retrieval"):
+        load_task_sweep(data, "retrieval")
 
     lines.clear()
     run_sweep(TrainConfig(**TINY), variants=["goat"], seeds=[0], **kwargs)

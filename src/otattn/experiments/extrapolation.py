@@ -34,7 +34,7 @@ import torch
 from otattn.experiments.checkpoint import atomic_write_text, load_checkpoint, provenance
 from otattn.experiments.config import TrainConfig
 from otattn.experiments.retrieval import Retrieval, answer_length
-from otattn.experiments.sweep import load_sweep, run_name
+from otattn.experiments.sweep import load_task_sweep, run_name
 from otattn.experiments.throughput import decoding_throughput, training_throughput
 from otattn.experiments.train import batch_generator
 from otattn.nn.denormals import flush_denormals
@@ -283,10 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = pathlib.Path(args.data_dir)
     scratch = pathlib.Path(args.scratch_dir or pathlib.Path("runs") / data_dir.name)
     try:
-        record, runs = load_sweep(data_dir)
-        config = TrainConfig(**record["config"])
-        if config.task != "retrieval":
-            raise ValueError(f"{data_dir} is a sweep of {config.task}, not retrieval")
+        record, runs, config = load_task_sweep(data_dir, "retrieval")
         lengths = [f * config.block_size for f in args.factors]
         depths = depth_grid(args.depths)
         options = {k: v for k, v in config.task_options.items() if k != "depth"}

@@ -50,7 +50,7 @@ from otattn.experiments.checkpoint import (
 from otattn.experiments.config import TrainConfig
 from otattn.experiments.extrapolation import KEPT_WEIGHTS, load_model
 from otattn.experiments.shakespeare import START, decode, encode, loss_by_length
-from otattn.experiments.sweep import load_sweep, run_name
+from otattn.experiments.sweep import load_task_sweep, run_name
 from otattn.experiments.throughput import decoding_throughput
 from otattn.experiments.train import batch_generator
 from otattn.metrics import (
@@ -617,10 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = pathlib.Path(args.data_dir)
     scratch = pathlib.Path(args.scratch_dir or pathlib.Path("runs") / data_dir.name)
     try:
-        record, runs = load_sweep(data_dir)
-        config = TrainConfig(**record["config"])
-        if config.task != "shakespeare":
-            raise ValueError(f"{data_dir} is a sweep of {config.task}, not shakespeare")
+        record, runs, config = load_task_sweep(data_dir, "shakespeare")
         task = config.make_task().for_evaluation()
         g = batch_generator(args.seed, PROBE_STREAM, 0)
         idx = task.batch(g, args.sequences, config.block_size).inputs

@@ -47,6 +47,7 @@ from otattn.nn.registry import VARIANTS
 __all__ = [
     "PROG",
     "load_sweep",
+    "load_task_sweep",
     "main",
     "model_with_saved_prior",
     "read_metrics",
@@ -210,6 +211,16 @@ def load_sweep(folder) -> tuple[dict, dict]:
                 "dir": run_dir,
             }
     return record, runs
+
+
+def load_task_sweep(folder, task: str) -> tuple[dict, dict, TrainConfig]:
+    """:func:`load_sweep` of a sweep that must have trained on ``task``; also its
+    :class:`TrainConfig` (the per-run fields as the sweep's record has them)."""
+    record, runs = load_sweep(folder)
+    config = TrainConfig(**record["config"])
+    if config.task != task:
+        raise ValueError(f"{folder} is a sweep of {config.task}, not {task}")
+    return record, runs, config
 
 
 def model_with_saved_prior(run: dict) -> TinyGPT:
