@@ -144,6 +144,63 @@ def _precision(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of `resolution` that set a ResolutionConfig field (unset: the field's default).
+RESOLUTION_FIELDS = (
+    "train_size",
+    "eval_sizes",
+    "patch_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "rank",
+    "base",
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "weight_decay",
+    "shift",
+)
+
+
+def _resolution(args: argparse.Namespace) -> int:
+    import shlex
+
+    from otattn.experiments import resolution  # imports torch; runs no torch operation
+    from otattn.nn.denormals import flush_denormals
+    from otattn.nn.vit import VIT_ATTENTIONS
+
+    variants = args.variants or list(VIT_ATTENTIONS)
+    if _unknown(variants, VIT_ATTENTIONS, "variants"):
+        return 2
+    flush_denormals()  # before the first torch operation: see its docstring
+    fields = {k: getattr(args, k) for k in RESOLUTION_FIELDS}
+    try:
+        config = resolution.ResolutionConfig(
+            **{k: v for k, v in fields.items() if v is not None}
+        )
+        _log(
+            f"otattn resolution: {', '.join(variants)}, seeds {args.seeds}, "
+            f"{args.jobs} job(s); {config}"
+        )
+        path = resolution.run_resolution_sweep(
+            args.out_dir,
+            variants,
+            args.seeds,
+            config,
+            jobs=args.jobs,
+            keep_weights=args.keep_weights,
+            command="python -m otattn " + shlex.join(args.argv),
+            progress=not args.no_progress,
+            log=_log,
+        )
+    except ValueError as error:
+        print(f"python -m otattn resolution: error: {error}", file=sys.stderr)
+        return 2
+    _log(f"wrote {path}")
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from otattn.experiments import cli_train
 
@@ -297,6 +354,59 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="L = 128, offset 0: a few seconds"
     )
     prec.set_defaults(func=_precision)
+    res = commands.add_parser(
+        "resolution",
+        help="train a tiny ViT on digits at one image size, score it at larger ones",
+        description="Train a tiny ViT (otattn.experiments.resolution) on "
+        "scikit-learn's digits upsampled to --train-size pixels, once per attention "
+        "variant and seed, and score it on the test digits upsampled to each of "
+        "--eval-sizes without retraining; writes results.csv and sweep.json to "
+        "--out-dir (finished runs are skipped).  Unset model and training flags "
+        "take ResolutionConfig's defaults (printed at the start).",
+    )
+    res.add_argument("--out-dir", required=True, metavar="DIR", help="results folder")
+    res.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="V",
+        help="attention variants: goat2d learned nope (default: all)",
+    )
+    res.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default 0 1 2)"
+    )
+    res.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs at once, each in its own one-thread process (default 1)",
+    )
+    res.add_argument(
+        "--keep-weights",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="SEED",
+        help="save every variant's trained state dict for these seeds",
+    )
+    res.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (jobs=1)"
+    )
+    positive = ("train_size", "patch_size", "n_layer", "n_head", "n_embd", "rank")
+    for name in positive + ("steps", "batch_size"):
+        res.add_argument("--" + name.replace("_", "-"), type=_positive_int)
+    res.add_argument(
+        "--eval-sizes", type=_positive_int, nargs="+", help="image sizes to score at"
+    )
+    res.add_argument(
+        "--base", type=_positive_float, help="GOAT's frequency base (goat2d only)"
+    )
+    res.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    res.add_argument("--warmup-steps", type=int, help="linear warm-up steps")
+    res.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    res.add_argument(
+        "--shift", type=int, help="random translation in pixels at --train-size"
+    )
+    res.set_defaults(func=_resolution)
     for name, (_, help) in DELEGATED.items():  # listed here, parsed by their own
         commands.add_parser(name, help=help, add_help=False)
     args = parser.parse_args(argv)

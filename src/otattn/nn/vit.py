@@ -28,7 +28,7 @@ from otattn.nn.goat import GoatAttention, GoatConfig
 from otattn.nn.layers import SelfAttention, SelfAttentionConfig, attention_weights
 from otattn.nn.models import _INIT_STD, Block, _gpt2_init, _matched_hidden
 
-__all__ = ["TinyViT", "VIT_ATTENTIONS", "ViTConfig"]
+__all__ = ["TinyViT", "VIT_ATTENTIONS", "ViTConfig", "grid_positions"]
 
 VIT_ATTENTIONS = ("goat2d", "learned", "nope")
 
@@ -132,6 +132,24 @@ class ViTConfig:
         return _matched_hidden(base, extra, self.n_layer, self.n_embd, self.bias)
 
 
+def grid_positions(rows: int, cols: int, *, device=None) -> tuple[Tensor, Tensor]:
+    """Positions (1 + N, 2) and ``has_position`` (1 + N,) of a class token and a grid
+    of ``rows`` x ``cols`` patches, as :class:`TinyViT` gives them to its attention:
+    the class token first, at (0, 0) without a position, then the patches' (row,
+    column) in raster order."""
+    rows, cols = check_int(rows, "rows"), check_int(cols, "cols")
+    r, c = torch.meshgrid(
+        torch.arange(rows, device=device),
+        torch.arange(cols, device=device),
+        indexing="ij",
+    )
+    grid = torch.stack([r.flatten(), c.flatten()], dim=1)
+    positions = torch.cat([grid.new_zeros(1, 2), grid])
+    has_position = torch.ones(1 + rows * cols, dtype=torch.bool, device=device)
+    has_position[0] = False
+    return positions, has_position
+
+
 class TinyViT(nn.Module):
     """A small vision transformer: patches, a class token, grid positions, blocks."""
 
@@ -202,15 +220,7 @@ class TinyViT(nn.Module):
             x = x + self._table(rows, cols).to(x.dtype)
         if cfg.attention != "goat2d":
             return x, {}
-        r, c = torch.meshgrid(
-            torch.arange(rows), torch.arange(cols), indexing="ij"
-        )  # raster order; the class token first, at (0, 0) without a position
-        grid = torch.stack([r.flatten(), c.flatten()], dim=1)
-        positions = torch.cat([grid.new_zeros(1, 2), grid]).to(images.device)
-        has_position = torch.ones(
-            1 + rows * cols, dtype=torch.bool, device=images.device
-        )
-        has_position[0] = False
+        positions, has_position = grid_positions(rows, cols, device=images.device)
         return x, dict(positions=positions, has_position=has_position)
 
     def forward(self, images: Tensor) -> Tensor:
