@@ -133,3 +133,27 @@ shakespeare: $(STAMP)
 	    --scratch-dir runs/shakespeare_lr/lr$$lr --length-factors --sample-chars 0 \
 	    --throughput-rounds 0 || exit 1; \
 	done
+
+## shakespeare-long: can a sink form with longer training?  RoPE and the G1 elementwise gate
+## (seed 0) trained 4x longer than in `make shakespeare` (1600 steps, 6.6M tokens each, two
+## runs at once), then probed; writes book/data/shakespeare_long/.  Sizing: at the 7.5K
+## tokens/s per one-thread run of `make shakespeare`, 15 min of training, 2 of probes.
+.PHONY: shakespeare-long
+shakespeare-long: $(STAMP)
+	$(PY) -m otattn sweep shakespeare $(SHAKESPEARE_MODEL) --steps 1600 --lr 1e-2 \
+	  --log-every 10 --variants rope gated_elementwise --seeds 0 --jobs 2 \
+	  --scratch-dir runs/shakespeare_long --data-dir book/data/shakespeare_long
+	$(PY) -m otattn probes book/data/shakespeare_long --scratch-dir runs/shakespeare_long \
+	  --throughput-rounds 0
+
+## resolution: the full experiment of chapter 13: a tiny ViT (4 layers, 2 heads, width 64,
+## patches of 4 pixels) trained on scikit-learn's digits upsampled to 16 pixels, with GOAT's
+## 2-D prior, a learned (interpolated) table or no positions, 3 seeds each, two runs at a
+## time in one-thread workers, scored at 12 to 32 pixels; writes book/data/resolution/ with
+## the weights of seed 0.  Sizing: one seed of the three variants took 540-614 s of one
+## core in a pilot on a loaded machine, so 9 runs at two at a time take about 15-25 min.
+.PHONY: resolution
+resolution: $(STAMP)
+	$(PY) -m otattn resolution --out-dir book/data/resolution --seeds 0 1 2 --jobs 2 \
+	  --eval-sizes 12 16 20 24 32 --keep-weights 0 --no-progress
+
