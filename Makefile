@@ -142,16 +142,15 @@ shakespeare: $(STAMP)
 shakespeare-long: $(STAMP)
 	$(PY) -m otattn sweep shakespeare $(SHAKESPEARE_MODEL) --steps 1600 --lr 1e-2 \
 	  --log-every 10 --variants rope gated_elementwise --seeds 0 --jobs 2 \
-	  --scratch-dir runs/shakespeare_long --data-dir book/data/shakespeare_long
-	$(PY) -m otattn probes book/data/shakespeare_long --scratch-dir runs/shakespeare_long \
-	  --throughput-rounds 0
+	  --data-dir book/data/shakespeare_long
+	$(PY) -m otattn probes book/data/shakespeare_long --throughput-rounds 0
 
 ## resolution: the full experiment of chapter 13: a tiny ViT (4 layers, 2 heads, width 64,
 ## patches of 4 pixels) trained on scikit-learn's digits upsampled to 16 pixels, with GOAT's
 ## 2-D prior, a learned (interpolated) table or no positions, 3 seeds each, two runs at a
 ## time in one-thread workers, scored at 12 to 32 pixels; writes book/data/resolution/ with
-## the weights of seed 0.  Sizing: one seed of the three variants took 540-614 s of one
-## core in a pilot on a loaded machine, so 9 runs at two at a time take about 15-25 min.
+## the weights of seed 0.  Measured: 31 min for the 9 runs on 2 cores shared with another
+## two-worker experiment (296-474 s per run); a quiet machine was not timed.
 .PHONY: resolution
 resolution: $(STAMP)
 	$(PY) -m otattn resolution --out-dir book/data/resolution --seeds 0 1 2 --jobs 2 \
