@@ -326,6 +326,8 @@ def test_two_workers_give_the_weights_of_one_process(tmp_path):
     ]
 
 
+# In-process, the thread pool has started before the command flushes denormals.
+@pytest.mark.filterwarnings("ignore:flush_denormals.. ran after:RuntimeWarning")
 def test_the_command_line_runs_a_tiny_sweep_and_refuses_bad_input(tmp_path, capsys):
     tiny = ["--train-size", "8", "--eval-sizes", "8", "12", "--n-layer", "1"]
     tiny += ["--n-embd", "32", "--rank", "2", "--steps", "2", "--batch-size", "8"]
