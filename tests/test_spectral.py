@@ -280,3 +280,18 @@ def test_wrong_shapes_and_positions_raise():
         fused_query_key(
             np.zeros((3, 16)), np.zeros((3, 12)), goat_lanes(_params(seed=9, R=1), 3, 3)
         )
+
+
+def test_only_trigonometric_relative_priors_have_a_few_channels():
+    """Theorem thm-only-trig on a window: a relative prior that is a dot product of n
+    channels is an N x N matrix of rank <= n.  GOAT's R-frequency series has rank at
+    most 2R (no constant, no (-1)^d term); ALiBi's -|d|/8 and a Gaussian bump, which
+    are not trigonometric, have no such rank below the window size."""
+    N, R = 64, 4
+    lag = position_lag(N, N).astype(float)
+    params = GoatParams(*np.random.default_rng(1).normal(size=(2, R)))
+    sv = np.linalg.svd(goat_log_prior(params, N, N), compute_uv=False)
+    assert sv[2 * R] < 1e-10 * sv[0]  # rank <= 2R (the slow lanes are nearly rank 1)
+    for target in (-np.abs(lag) / 8, 3 * np.exp(-(lag**2) / 8)):
+        sv = np.linalg.svd(target, compute_uv=False)
+        assert sv[32] > 1e-6 * sv[0]  # half the window and still not low rank
