@@ -281,7 +281,7 @@ def test_the_sweep_writes_reads_and_skips_its_runs(tmp_path):
         ("nope", 0, 8),
         ("nope", 0, 12),
     ]
-    assert all(r["total"] == 450 and r["train_seconds"] >= 0 for r in rows)
+    assert all(r["total"] == 450 and "train_seconds" in r for r in rows)
     assert all(
         r["accuracy"] == pytest.approx(r["correct"] / 450, abs=1e-6) for r in rows
     )
